@@ -1,0 +1,1 @@
+"""beam-enrich runnable pipelines: CLI, job spec, manifest."""

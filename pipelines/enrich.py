@@ -1,0 +1,279 @@
+"""`beam-enrich` / `python -m pipelines.enrich`: enrich Parquet or CSV files with models.
+
+    beam-enrich --input 'data/*.parquet' --output out/run1 --spec job.yaml \\
+                [--output-format parquet|csv] [any Beam option: --runner, --project, …]
+    beam-enrich make-test-models DIR
+
+Everything that can be checked before data is read is checked in `prepare_job`: the
+spec, the inputs and their columns, the models and their revisions. A problem there
+exits with code 2 and a one-paragraph message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import uuid
+from collections.abc import Sequence
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from pipelines.manifest import RunContext, finalize_run, now, redact, redact_argv
+from pipelines.spec import JobSpec, SpecError, load_spec
+from transforms.chunks import ERRORS_COLUMN, ERRORS_TYPE
+from transforms.enrich import EnrichTables, TaskBinding
+from transforms.io import (
+    FORMATS,
+    InputError,
+    ReadTables,
+    WriteTables,
+    expand_inputs,
+    file_sha256,
+    read_schema,
+    table_format,
+)
+from transforms.models import ModelError, resolve_model
+from transforms.tasks import adapter_for
+
+__all__ = ["Job", "build", "main", "prepare_job", "run"]
+
+_LOG = logging.getLogger("beam_enrich")
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A job checked and resolved on the driver, ready to become a pipeline.
+
+    Attributes:
+        spec: the validated job spec.
+        files: every input file, sorted.
+        bindings: one per task: adapter, pinned model, column, placement.
+        context: what the manifest records (inputs with sha256, tasks, options, …).
+    """
+
+    spec: JobSpec
+    files: list[str]
+    bindings: list[TaskBinding]
+    context: RunContext
+
+
+def prepare_job(
+    spec: JobSpec,
+    inputs: Sequence[str],
+    output: str,
+    *,
+    output_format: str | None = None,
+    argv: Sequence[str] = (),
+    options: PipelineOptions | None = None,
+) -> Job:
+    """Checks a job against its inputs and pins its models, before any row is read.
+
+    Raises:
+        InputError: no input file matches, formats or schemas disagree, a column is
+            missing, or a task would overwrite an input column.
+        ModelError: a model or revision cannot be found.
+    """
+    files = expand_inputs(inputs)
+    schema = _common_schema(files)
+    if output_format is None:
+        formats = {table_format(path) for path in files}
+        output_format = formats.pop() if len(formats) == 1 else "parquet"
+
+    bindings = []
+    added: list[pa.Field] = []
+    for task in spec.tasks:
+        column = spec.input_column(task)
+        if column not in schema.names:
+            raise InputError(
+                f"task {task.name!r} reads column {column!r}, which the input does not have; "
+                f"columns: {', '.join(schema.names)} (set `input:` or `text_column:`)"
+            )
+        adapter = adapter_for(task.task)(task.name, task.params)
+        model = resolve_model(task.model_id, task.revision, trust_remote_code=task.trust_remote_code)
+        bindings.append(
+            TaskBinding(
+                adapter=adapter,
+                model=model,
+                input_column=column,
+                device=task.device,
+                dtype=task.dtype,
+                max_batch_tokens=task.max_batch_tokens,
+            )
+        )
+        added.extend(adapter.fields())
+    added.append(pa.field(ERRORS_COLUMN, ERRORS_TYPE))
+    clashes = [field.name for field in added if field.name in schema.names]
+    if clashes:
+        raise InputError(
+            f"the input already has column(s) {clashes} that the tasks would add; "
+            "rename the tasks (their `name` prefixes the columns) or drop those columns"
+        )
+    output_schema = pa.schema([*schema, *added])
+
+    options = options or PipelineOptions([])
+    run_id = dt_run_id()
+    inputs_info = []
+    for path in files:
+        size, sha256 = file_sha256(path)
+        inputs_info.append({"path": path, "size": size, "sha256": sha256})
+    context = RunContext(
+        run_id=run_id,
+        started_at=now(),
+        argv=redact_argv(argv),
+        runner=_runner_name(options),
+        options=redact(options.get_all_options(drop_default=True)),
+        inputs=inputs_info,
+        output=output.rstrip("/"),
+        output_format=output_format,
+        output_schema=output_schema,
+        spec=spec.model_dump(mode="json"),
+        tasks=[_describe_task(spec, binding) for binding in bindings],
+    )
+    return Job(spec=spec, files=files, bindings=bindings, context=context)
+
+
+def dt_run_id() -> str:
+    """A sortable, unique run id: UTC time plus random suffix."""
+    return now().replace(":", "").replace("-", "").replace("+0000", "Z") + "-" + uuid.uuid4().hex[:8]
+
+
+def _common_schema(files: Sequence[str]) -> pa.Schema:
+    first = read_schema(files[0])
+    for path in files[1:]:
+        schema = read_schema(path)
+        if not schema.equals(first):
+            raise InputError(
+                f"input files disagree on their columns: {files[0]} has {first.names} "
+                f"({', '.join(map(str, first.types))}) but {path} has {schema.names} "
+                f"({', '.join(map(str, schema.types))}); enrich them in separate runs"
+            )
+    return first
+
+
+def _describe_task(spec: JobSpec, binding: TaskBinding) -> dict:
+    task = next(t for t in spec.tasks if t.name == binding.name)
+    model = binding.model
+    return {
+        "name": task.name,
+        "task": task.task,
+        "model": model.model,
+        "model_source": model.source,
+        "requested_revision": model.requested_revision,
+        "resolved_revision": model.resolved,
+        "trust_remote_code": model.trust_remote_code,
+        "input_column": binding.input_column,
+        "parameters": task.params.model_dump(mode="json"),
+        "device": task.device,
+        "dtype": task.dtype,
+        "batching": {"max_batch_tokens": task.max_batch_tokens, "rows_per_chunk": spec.rows_per_chunk},
+        "columns": [field.name for field in binding.adapter.fields()],
+    }
+
+
+def _runner_name(options: PipelineOptions) -> str:
+    return options.view_as(StandardOptions).runner or "FnApiRunner (local default)"
+
+
+def build(pipeline: beam.Pipeline, job: Job) -> None:
+    """Adds the job's steps to `pipeline`: read, enrich with each task, write, finalize."""
+    spec = job.spec
+    chunks = (
+        pipeline
+        | "ReadInput" >> ReadTables(job.files, rows_per_chunk=spec.rows_per_chunk)
+        # Chunks of one file come from one reader; spread them before inference.
+        | "SpreadChunks" >> beam.Reshuffle()
+    )
+    for binding in job.bindings:
+        chunks = chunks | f"Enrich[{binding.name}]" >> EnrichTables(binding)
+    context = job.context
+    _ = (
+        chunks
+        | "WriteOutput"
+        >> WriteTables(
+            context.staging_dir,
+            context.output_schema,
+            output_format=context.output_format,
+            keep_order=spec.keep_order,
+        )
+        | "CollectParts" >> beam.combiners.ToList()
+        | "Finalize" >> beam.Map(finalize_run, context)
+    )
+
+
+def _make_pipeline(options: PipelineOptions) -> beam.Pipeline:
+    if options.view_as(StandardOptions).runner:
+        return beam.Pipeline(options=options)
+    # Beam's DirectRunner first tries to fetch the Prism runner from the internet; the
+    # local default here is the Python portable runner: deterministic, no downloads.
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    return beam.Pipeline(runner=FnApiRunner(), options=options)
+
+
+def run(argv: Sequence[str] | None = None) -> beam.runners.runner.PipelineResult:
+    """Runs one enrichment job and waits for it.
+
+    Raises:
+        SpecError, InputError, ModelError: the job cannot start (see `prepare_job`).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, beam_args = _parser().parse_known_args(argv)
+    spec = load_spec(args.spec)
+    options = PipelineOptions(beam_args)
+    job = prepare_job(
+        spec,
+        args.input,
+        args.output,
+        output_format=args.output_format,
+        argv=["beam-enrich", *argv],
+        options=options,
+    )
+    pipeline = _make_pipeline(options)
+    build(pipeline, job)
+    result = pipeline.run()
+    result.wait_until_finish()
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="beam-enrich",
+        description="Enrich Parquet or CSV files with Hugging Face models on Apache Beam. "
+        "Any other --option is passed to Beam (e.g. --runner DataflowRunner --project P).",
+        epilog="Also: beam-enrich make-test-models DIR (tiny offline models for tests).",
+    )
+    parser.add_argument(
+        "--input", action="append", required=True,
+        help="file, glob or URI (gs://, s3://); repeat for several; .parquet, .csv, .csv.gz",
+    )
+    parser.add_argument("--output", required=True, help="output directory (parts, errors.jsonl, manifest.json)")
+    parser.add_argument("--spec", required=True, help="job spec (YAML)")
+    parser.add_argument(
+        "--output-format", choices=FORMATS, default=None,
+        help="default: the inputs' format",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if argv[:1] == ["make-test-models"]:
+        from pipelines.test_models import main as make_test_models
+
+        return make_test_models(argv[1:])
+    try:
+        run(argv)
+    except (SpecError, InputError, ModelError) as err:
+        print(f"beam-enrich: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

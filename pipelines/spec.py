@@ -1,0 +1,185 @@
+"""The job spec: YAML -> frozen pydantic models, rejected early with the key's path.
+
+Each task family in `transforms.tasks` defines its own typed parameters; this module
+composes them, so `params` of a `ner` task is checked against the ner parameters and an
+unknown key anywhere is named with its full path and the accepted names.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from transforms.models import DTYPES
+from transforms.tasks import ADAPTERS
+
+__all__ = ["JobSpec", "SpecError", "TaskSpec", "load_spec", "parse_spec"]
+
+_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_DEVICE = r"^(auto|cpu|cuda(:\d+)?)$"
+
+
+class SpecError(ValueError):
+    """A job spec that cannot run; the message names each bad key's path."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TaskSpec(_Frozen):
+    """One task of a job: what to run, on which column, with which model."""
+
+    name: str = Field(pattern=_NAME, description="unique; prefixes the task's columns")
+    task: str
+    model: str | None = Field(None, description="hub id or local directory; default per task")
+    revision: str = Field("main", description="branch, tag or commit; the manifest records the commit")
+    input: str | None = Field(None, description="input column; defaults to text_column")
+    device: str = Field("auto", pattern=_DEVICE)
+    dtype: Literal[DTYPES] = "auto"  # type: ignore[valid-type]
+    max_batch_tokens: int = Field(8192, gt=0, le=10_000_000)
+    trust_remote_code: bool = False
+    params: Any = None
+
+    @property
+    def model_id(self) -> str:
+        """The model to load: the spec's, or the task's well-known default."""
+        return self.model or ADAPTERS[self.task].default_model
+
+
+def _task_variant(task_names: tuple[str, ...], params_type: type) -> type[TaskSpec]:
+    return create_model(
+        f"TaskSpec_{params_type.__name__}",
+        __base__=TaskSpec,
+        task=(Literal[task_names], ...),
+        params=(params_type, Field(default_factory=params_type)),
+    )
+
+
+# One variant per task family, told apart by `task`: pydantic then checks `params`
+# against the family's own parameter model, and an unknown task lists the known ones.
+_VARIANTS = {
+    adapter: _task_variant(adapter.tasks, adapter.params_type) for adapter in set(ADAPTERS.values())
+}
+_AnyTask = Annotated[Union[tuple(_VARIANTS.values())], Field(discriminator="task")]  # noqa: UP007
+
+
+class JobSpec(_Frozen):
+    """A whole job: defaults shared by all tasks, and the tasks in the order they run."""
+
+    text_column: str = Field("text", min_length=1)
+    rows_per_chunk: int = Field(512, gt=0, le=1_000_000)
+    keep_order: bool = False
+    tasks: list[_AnyTask] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _names_are_unique(self) -> JobSpec:
+        seen: set[str] = set()
+        for i, task in enumerate(self.tasks):
+            if task.name in seen:
+                raise ValueError(f"tasks[{i}].name: duplicate task name {task.name!r}")
+            seen.add(task.name)
+        return self
+
+    def input_column(self, task: TaskSpec) -> str:
+        """The column a task reads."""
+        return task.input or self.text_column
+
+
+def _location(loc: tuple) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item in ADAPTERS or str(item).startswith("function-"):
+            continue  # the discriminator's tag; the task is already in the path
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "(top level)"
+
+
+def _message(error: dict) -> str:
+    kind, message = error["type"], error["msg"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "union_tag_invalid":
+        return f"unknown task {error['input']!r}; expected one of: {', '.join(ADAPTERS)}"
+    if kind == "literal_error":
+        return f"{message}, got {error['input']!r}"
+    return message
+
+
+def _explain(err: ValidationError, source: str) -> SpecError:
+    lines = []
+    for error in err.errors():
+        where = _location(error["loc"])
+        message = _message(error)
+        if error["type"] == "extra_forbidden":
+            accepted = _accepted_keys(error["loc"])
+            if accepted:
+                message += f"; accepted keys: {', '.join(accepted)}"
+        lines.append(f"  {where}: {message}")
+    return SpecError(f"invalid job spec {source}:\n" + "\n".join(lines))
+
+
+def _accepted_keys(loc: tuple) -> list[str]:
+    """The keys allowed beside an unknown key at `loc`, for the error message."""
+    model: Any = JobSpec
+    for item in loc[:-1]:
+        if isinstance(item, int):
+            continue
+        if item in ADAPTERS:
+            model = _VARIANTS[ADAPTERS[item]]
+            continue
+        field = getattr(model, "model_fields", {}).get(item)
+        if field is None:
+            return []
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        elif item == "tasks":
+            model = TaskSpec
+    return list(getattr(model, "model_fields", {}))
+
+
+def parse_spec(data: Any, source: str = "") -> JobSpec:
+    """Validates a spec already parsed from YAML or JSON.
+
+    Raises:
+        SpecError: with one line per problem: the key's path, what is wrong, and the
+            accepted values.
+    """
+    if not isinstance(data, dict):
+        raise SpecError(f"invalid job spec {source}: expected a mapping of keys at the top level")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise _explain(err, source) from None
+    except ValueError as err:  # raised by a validator outside pydantic's wrapping
+        raise SpecError(f"invalid job spec {source}: {err}") from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Reads and validates a YAML job spec.
+
+    Raises:
+        SpecError: the file is missing, is not YAML, or fails validation.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise SpecError(f"cannot read job spec {path}: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise SpecError(f"job spec {path} is not valid YAML: {err}") from None
+    return parse_spec(data, str(path))
+
+
+def task_name_is_valid(name: str) -> bool:
+    """True for names usable as a column prefix."""
+    return re.match(_NAME, name) is not None

@@ -1,0 +1,1 @@
+"""beam-enrich library: Beam transforms and the task adapters they run."""

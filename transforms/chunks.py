@@ -1,0 +1,55 @@
+"""The element that flows through the pipeline: a table chunk and where it came from."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pyarrow as pa
+
+__all__ = ["ERRORS_COLUMN", "ERRORS_TYPE", "Chunk", "TaskStats"]
+
+#: Per-row failures, added to every output: one entry per failed task.
+ERRORS_COLUMN = "enrich_errors"
+ERRORS_TYPE = pa.list_(pa.struct([pa.field("task", pa.string()), pa.field("error", pa.string())]))
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskStats:
+    """What one task did to one chunk; summed per task for the manifest."""
+
+    task: str
+    rows: int
+    failed: int
+    truncated: int
+    seconds: float
+    device: str
+    dtype: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """About `rows_per_chunk` consecutive rows of one input file.
+
+    Attributes:
+        file_index: position of the source file in the run's sorted input list.
+        source: the input file's path or URI.
+        index: the chunk's position within its file.
+        first_row: the file row number (0-based, header excluded) of the first row.
+        table: the rows: input columns untouched, task columns appended as tasks run.
+        rows_read: rows as read from the file, kept apart from `table` so the
+            manifest's in/out counts are two independent numbers.
+        stats: one entry per task that has run over this chunk.
+    """
+
+    file_index: int
+    source: str
+    index: int
+    first_row: int
+    table: pa.Table
+    rows_read: int
+    stats: tuple[TaskStats, ...] = ()
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """Sort key that puts chunks back in input order."""
+        return (self.file_index, self.index)

@@ -1,0 +1,87 @@
+"""sentiment-analysis / text-classification: one label and its score per row."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import pyarrow as pa
+
+from transforms.models import ResolvedModel, load_kwargs, place_model
+from transforms.tasks.base import Encoded, Params, encode_texts, model_max_length, pad_batch
+
+__all__ = ["TextClassification", "TextClassificationParams"]
+
+
+class TextClassificationParams(Params):
+    """Parameters of text classification.
+
+    Attributes:
+        function_to_apply: how logits become scores; `default` follows the model's
+            config, as the transformers pipeline does (sigmoid for one label or a
+            multi-label model, softmax otherwise).
+    """
+
+    function_to_apply: Literal["default", "softmax", "sigmoid", "none"] = "default"
+
+
+class TextClassification:
+    """Adapter for `sentiment-analysis` and `text-classification`."""
+
+    tasks = ("sentiment-analysis", "text-classification")
+    params_type = TextClassificationParams
+    default_model = "distilbert/distilbert-base-uncased-finetuned-sst-2-english"
+
+    def __init__(self, name: str, params: TextClassificationParams):
+        self.name = name
+        self.params = params
+
+    def fields(self) -> list[pa.Field]:
+        return [pa.field(f"{self.name}_label", pa.string()), pa.field(f"{self.name}_score", pa.float32())]
+
+    def load(self, model: ResolvedModel, device: str, dtype: str) -> _Runner:
+        from transformers import pipeline
+
+        # The pipeline object is kept for its post-processing (label names, the
+        # function-to-apply rules), so scores match a direct pipeline call exactly;
+        # tokenizing and the forward pass are ours, batched and length-sorted.
+        pipe = pipeline(
+            "text-classification", model=model.model, device="cpu", **load_kwargs(model, dtype)
+        )
+        pipe.model = place_model(pipe.model, device, dtype)
+        return _Runner(pipe, device, self.params)
+
+
+class _Runner:
+    def __init__(self, pipe, device: str, params: TextClassificationParams):
+        self.pipe = pipe
+        self.device = device
+        self.max_length = model_max_length(pipe.tokenizer, pipe.model.config)
+        from transformers.pipelines.text_classification import ClassificationFunction
+
+        function = params.function_to_apply
+        self.postprocess_params = (
+            {}
+            if function == "default"
+            else {"function_to_apply": ClassificationFunction[function.upper()]}
+        )
+
+    def prepare(self, texts: Sequence[str]) -> list[Encoded]:
+        return encode_texts(self.pipe.tokenizer, texts, self.max_length)
+
+    def cost(self, item: Encoded) -> int:
+        return len(item.input_ids)
+
+    def infer(self, items: list[Encoded]) -> list[tuple]:
+        import torch
+
+        with torch.inference_mode():
+            logits = self.pipe.model(**pad_batch(self.pipe.tokenizer, items, self.device)).logits
+        logits = logits.float().cpu()
+        results = []
+        for row in range(len(items)):
+            best = self.pipe.postprocess(
+                {"logits": logits[row : row + 1]}, top_k=1, **self.postprocess_params
+            )
+            results.append((best["label"], best["score"]))
+        return results
