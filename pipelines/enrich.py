@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 import uuid
@@ -20,9 +21,10 @@ from collections.abc import Sequence
 
 import apache_beam as beam
 import pyarrow as pa
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipelines.manifest import RunContext, finalize_run, now, redact, redact_argv
+from pipelines.manifest import MANIFEST, RunContext, finalize_run, now, redact, redact_argv
 from pipelines.spec import JobSpec, SpecError, load_spec
 from transforms.chunks import ERRORS_COLUMN, ERRORS_TYPE
 from transforms.enrich import EnrichTables, TaskBinding
@@ -93,7 +95,9 @@ def prepare_job(
                 f"columns: {', '.join(schema.names)} (set `input:` or `text_column:`)"
             )
         adapter = adapter_for(task.task)(task.name, task.params)
-        model = resolve_model(task.model_id, task.revision, trust_remote_code=task.trust_remote_code)
+        model = resolve_model(
+            task.model_id, task.revision, trust_remote_code=task.trust_remote_code
+        )
         bindings.append(
             TaskBinding(
                 adapter=adapter,
@@ -138,7 +142,9 @@ def prepare_job(
 
 def dt_run_id() -> str:
     """A sortable, unique run id: UTC time plus random suffix."""
-    return now().replace(":", "").replace("-", "").replace("+0000", "Z") + "-" + uuid.uuid4().hex[:8]
+    return (
+        now().replace(":", "").replace("-", "").replace("+0000", "Z") + "-" + uuid.uuid4().hex[:8]
+    )
 
 
 def _common_schema(files: Sequence[str]) -> pa.Schema:
@@ -169,7 +175,10 @@ def _describe_task(spec: JobSpec, binding: TaskBinding) -> dict:
         "parameters": task.params.model_dump(mode="json"),
         "device": task.device,
         "dtype": task.dtype,
-        "batching": {"max_batch_tokens": task.max_batch_tokens, "rows_per_chunk": spec.rows_per_chunk},
+        "batching": {
+            "max_batch_tokens": task.max_batch_tokens,
+            "rows_per_chunk": spec.rows_per_chunk,
+        },
         "columns": [field.name for field in binding.adapter.fields()],
     }
 
@@ -247,13 +256,19 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Also: beam-enrich make-test-models DIR (tiny offline models for tests).",
     )
     parser.add_argument(
-        "--input", action="append", required=True,
+        "--input",
+        action="append",
+        required=True,
         help="file, glob or URI (gs://, s3://); repeat for several; .parquet, .csv, .csv.gz",
     )
-    parser.add_argument("--output", required=True, help="output directory (parts, errors.jsonl, manifest.json)")
+    parser.add_argument(
+        "--output", required=True, help="output directory (parts, errors.jsonl, manifest.json)"
+    )
     parser.add_argument("--spec", required=True, help="job spec (YAML)")
     parser.add_argument(
-        "--output-format", choices=FORMATS, default=None,
+        "--output-format",
+        choices=FORMATS,
+        default=None,
         help="default: the inputs' format",
     )
     return parser
@@ -272,7 +287,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SpecError, InputError, ModelError) as err:
         print(f"beam-enrich: error: {err}", file=sys.stderr)
         return 2
+    _print_summary(_parser().parse_known_args(argv)[0].output)
     return 0
+
+
+def _print_summary(output: str) -> None:
+    # A runner that returns before the job ends (Dataflow without waiting) has no
+    # manifest yet; then there is nothing to summarize.
+    path = FileSystems.join(output.rstrip("/"), MANIFEST)
+    if not FileSystems.exists(path):
+        return
+    with FileSystems.open(path) as handle:
+        manifest = json.load(handle)
+    failed = ", ".join(f"{task} {n}" for task, n in manifest["rows"]["failed"].items())
+    files = manifest["output"]["files"]
+    print(
+        f"beam-enrich: {manifest['rows']['out']} rows written to {output} "
+        f"({len(files)} {manifest['output']['format']} part file(s)); "
+        f"failed rows per task: {failed}; manifest: {path}"
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from transforms.io import PartInfo, write_table
 
-__all__ = ["MANIFEST", "ERRORS_FILE", "RunContext", "finalize_run", "redact", "versions"]
+__all__ = ["ERRORS_FILE", "MANIFEST", "RunContext", "finalize_run", "redact", "versions"]
 
 MANIFEST = "manifest.json"
 ERRORS_FILE = "errors.jsonl"
@@ -55,8 +55,15 @@ def redact_argv(argv: Sequence[str]) -> list[str]:
 def versions() -> dict[str, str]:
     """Versions of Python and the libraries that shape the output."""
     found = {"python": platform.python_version()}
-    for name in ("beam-enrich", "apache-beam", "transformers", "torch", "tokenizers",
-                 "pyarrow", "huggingface_hub"):
+    for name in (
+        "beam-enrich",
+        "apache-beam",
+        "transformers",
+        "torch",
+        "tokenizers",
+        "pyarrow",
+        "huggingface_hub",
+    ):
         try:
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -117,7 +124,7 @@ def _concatenate(sources: Sequence[str], destination: str) -> None:
     with FileSystems.create(destination, _MIME) as out:
         for source in sources:
             with FileSystems.open(source, _MIME) as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):  # noqa: B023
+                for block in iter(lambda: handle.read(1 << 20), b""):
                     out.write(block)
 
 

@@ -7,12 +7,21 @@ unknown key anywhere is named with its full path and the accepted names.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from transforms.models import DTYPES
 from transforms.tasks import ADAPTERS
@@ -20,7 +29,12 @@ from transforms.tasks import ADAPTERS
 __all__ = ["JobSpec", "SpecError", "TaskSpec", "load_spec", "parse_spec"]
 
 _NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
-_DEVICE = r"^(auto|cpu|cuda(:\d+)?)$"
+_DEVICE = r"^(auto|cpu|cuda(:(0|[1-9][0-9]*))?)$"
+_PATTERN_HELP = {
+    "name": "must start with a letter or _ and hold only letters, digits and _ "
+    "(it prefixes the task's column names)",
+    "device": "expected auto, cpu, cuda or cuda:N",
+}
 
 
 class SpecError(ValueError):
@@ -37,13 +51,20 @@ class TaskSpec(_Frozen):
     name: str = Field(pattern=_NAME, description="unique; prefixes the task's columns")
     task: str
     model: str | None = Field(None, description="hub id or local directory; default per task")
-    revision: str = Field("main", description="branch, tag or commit; the manifest records the commit")
+    revision: str = Field(
+        "main", description="branch, tag or commit; the manifest records the commit"
+    )
     input: str | None = Field(None, description="input column; defaults to text_column")
     device: str = Field("auto", pattern=_DEVICE)
     dtype: Literal[DTYPES] = "auto"  # type: ignore[valid-type]
-    max_batch_tokens: int = Field(8192, gt=0, le=10_000_000)
-    trust_remote_code: bool = False
+    max_batch_tokens: StrictInt = Field(8192, gt=0, le=10_000_000)
+    trust_remote_code: StrictBool = False
     params: Any = None
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _empty_params(cls, value: Any) -> Any:
+        return {} if value is None else value  # `params:` left empty in YAML
 
     @property
     def model_id(self) -> str:
@@ -72,8 +93,8 @@ class JobSpec(_Frozen):
     """A whole job: defaults shared by all tasks, and the tasks in the order they run."""
 
     text_column: str = Field("text", min_length=1)
-    rows_per_chunk: int = Field(512, gt=0, le=1_000_000)
-    keep_order: bool = False
+    rows_per_chunk: StrictInt = Field(512, gt=0, le=1_000_000)
+    keep_order: StrictBool = False
     tasks: list[_AnyTask] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -81,7 +102,10 @@ class JobSpec(_Frozen):
         seen: set[str] = set()
         for i, task in enumerate(self.tasks):
             if task.name in seen:
-                raise ValueError(f"tasks[{i}].name: duplicate task name {task.name!r}")
+                # "path: message", split apart again by _message.
+                raise ValueError(
+                    f"tasks[{i}].name: duplicate task name {task.name!r}; names must be unique"
+                )
             seen.add(task.name)
         return self
 
@@ -91,37 +115,44 @@ class JobSpec(_Frozen):
 
 
 def _location(loc: tuple) -> str:
+    # pydantic puts the matched task variant's tag after `tasks[i]`; drop it.
+    if len(loc) > 2 and loc[0] == "tasks" and isinstance(loc[1], int) and loc[2] in ADAPTERS:
+        loc = loc[:2] + loc[3:]
     parts: list[str] = []
     for item in loc:
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-        elif item in ADAPTERS or str(item).startswith("function-"):
-            continue  # the discriminator's tag; the task is already in the path
-        else:
-            parts.append(("." if parts else "") + str(item))
+        parts.append(f"[{item}]" if isinstance(item, int) else ("." if parts else "") + str(item))
     return "".join(parts) or "(top level)"
 
 
-def _message(error: dict) -> str:
-    kind, message = error["type"], error["msg"]
+def _message(error: dict) -> tuple[str, str]:
+    """(where, what) for one pydantic error, in the spec's own words."""
+    where, kind = _location(error["loc"]), error["type"]
+    known = ", ".join(ADAPTERS)
     if kind == "extra_forbidden":
-        return "unknown key"
+        accepted = _accepted_keys(error["loc"])
+        return where, "unknown key" + (
+            f"; accepted keys: {', '.join(accepted)}" if accepted else ""
+        )
     if kind == "union_tag_invalid":
-        return f"unknown task {error['input']!r}; expected one of: {', '.join(ADAPTERS)}"
+        return f"{where}.task", f"unknown task {error['ctx']['tag']!r}; expected one of: {known}"
+    if kind == "union_tag_not_found":
+        return f"{where}.task", f"missing; expected one of: {known}"
+    if kind == "string_pattern_mismatch" and error["loc"][-1] in _PATTERN_HELP:
+        return where, f"{_PATTERN_HELP[error['loc'][-1]]}, got {error['input']!r}"
     if kind == "literal_error":
-        return f"{message}, got {error['input']!r}"
-    return message
+        return where, f"{error['msg']}, got {error['input']!r}"
+    if kind == "value_error":
+        message = str(error["ctx"]["error"])
+        if not error["loc"] and ": " in message:  # a model validator's "path: message"
+            return tuple(message.split(": ", 1))
+        return where, message
+    return where, error["msg"]
 
 
 def _explain(err: ValidationError, source: str) -> SpecError:
     lines = []
     for error in err.errors():
-        where = _location(error["loc"])
-        message = _message(error)
-        if error["type"] == "extra_forbidden":
-            accepted = _accepted_keys(error["loc"])
-            if accepted:
-                message += f"; accepted keys: {', '.join(accepted)}"
+        where, message = _message(error)
         lines.append(f"  {where}: {message}")
     return SpecError(f"invalid job spec {source}:\n" + "\n".join(lines))
 
@@ -129,20 +160,20 @@ def _explain(err: ValidationError, source: str) -> SpecError:
 def _accepted_keys(loc: tuple) -> list[str]:
     """The keys allowed beside an unknown key at `loc`, for the error message."""
     model: Any = JobSpec
-    for item in loc[:-1]:
-        if isinstance(item, int):
-            continue
-        if item in ADAPTERS:
-            model = _VARIANTS[ADAPTERS[item]]
-            continue
+    path = list(loc[:-1])
+    if len(path) > 2 and path[0] == "tasks" and path[2] in ADAPTERS:
+        model = _VARIANTS[ADAPTERS[path[2]]]
+        path = path[3:]
+    elif path[:1] == ["tasks"]:
+        model = TaskSpec
+        path = path[2:]
+    for item in path:
         field = getattr(model, "model_fields", {}).get(item)
-        if field is None:
+        if field is None or not (
+            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        ):
             return []
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
-        elif item == "tasks":
-            model = TaskSpec
+        model = field.annotation
     return list(getattr(model, "model_fields", {}))
 
 
@@ -173,13 +204,12 @@ def load_spec(path: str | Path) -> JobSpec:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as err:
         raise SpecError(f"cannot read job spec {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise SpecError(
+            f"job spec {path} is not UTF-8 text: {err.reason} at byte {err.start}"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise SpecError(f"job spec {path} is not valid YAML: {err}") from None
     return parse_spec(data, str(path))
-
-
-def task_name_is_valid(name: str) -> bool:
-    """True for names usable as a column prefix."""
-    return re.match(_NAME, name) is not None

@@ -94,7 +94,7 @@ def make_test_models(directory: str | Path, *, seed: int = 0) -> dict[str, Path]
         "num_hidden_layers": 2,
         "num_attention_heads": 2,
         "intermediate_size": 64,
-        "max_position_embeddings": 128,
+        "max_position_embeddings": 512,
         "initializer_range": 0.5,
     }
     distilbert = {
@@ -103,7 +103,7 @@ def make_test_models(directory: str | Path, *, seed: int = 0) -> dict[str, Path]
         "hidden_dim": 64,
         "n_layers": 2,
         "n_heads": 2,
-        "max_position_embeddings": 128,
+        "max_position_embeddings": 512,
         "initializer_range": 0.5,
     }
     # Model and tokenizer classes match, so the tokenizer feeds only inputs the
@@ -127,7 +127,7 @@ def make_test_models(directory: str | Path, *, seed: int = 0) -> dict[str, Path]
         model = model_class(config)
         target = root / task
         model.save_pretrained(target)
-        tokenizer_class(vocab=vocab, model_max_length=128).save_pretrained(target)
+        tokenizer_class(vocab=vocab, model_max_length=512).save_pretrained(target)
         (target / "README.txt").write_text(_README, encoding="utf-8")
         written[task] = target
     (root / "README.txt").write_text(_README, encoding="utf-8")

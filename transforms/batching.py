@@ -2,7 +2,7 @@
 
 A batch is padded to its longest row, so batching rows of similar length is what makes
 batched inference pay: sorted by length, the padding nearly disappears. The budget caps
-`rows × longest row`, the padded size the model really computes.
+`rows x longest row`, the padded size the model really computes.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ column as a string, so each cell comes out exactly as it went in.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -18,6 +19,7 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
@@ -40,6 +42,8 @@ __all__ = [
 
 FORMATS = ("parquet", "csv")
 _MIME = "application/octet-stream"
+# pyarrow decompresses; Beam's own decompressing reader cannot be handed to pyarrow.
+_CODECS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd"}
 
 
 class InputError(ValueError):
@@ -73,11 +77,9 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
 
 def file_sha256(path: str) -> tuple[int, str]:
     """The file's size in bytes and sha256, read as stored (no decompression)."""
-    from apache_beam.io.filesystem import CompressionTypes
-
     digest = hashlib.sha256()
     size = 0
-    with FileSystems.open(path, _MIME, CompressionTypes.UNCOMPRESSED) as handle:
+    with _open_stored(path) as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
             size += len(block)
@@ -94,6 +96,19 @@ def _csv_reader(handle, column_names: Sequence[str] | None = None):
     return pacsv.open_csv(handle, parse_options=parse, convert_options=convert)
 
 
+def _open_stored(path: str):
+    """The file's bytes as stored, without decompression."""
+    return FileSystems.open(path, _MIME, CompressionTypes.UNCOMPRESSED)
+
+
+@contextlib.contextmanager
+def _open(path: str):
+    """The file's content, decompressed by extension."""
+    with _open_stored(path) as handle:
+        codec = next((c for ext, c in _CODECS.items() if path.lower().endswith(ext)), None)
+        yield pa.CompressedInputStream(handle, codec) if codec else handle
+
+
 def read_schema(path: str) -> pa.Schema:
     """The schema of one input file, read from the Parquet footer or the CSV header.
 
@@ -102,7 +117,7 @@ def read_schema(path: str) -> pa.Schema:
     """
     fmt = table_format(path)
     try:
-        with FileSystems.open(path, _MIME) as handle:
+        with _open(path) as handle:
             if fmt == "parquet":
                 schema = pq.read_schema(handle)
             else:
@@ -118,7 +133,7 @@ def read_schema(path: str) -> pa.Schema:
 
 def iter_tables(path: str, rows_per_chunk: int) -> Iterator[pa.Table]:
     """Streams a file as tables of `rows_per_chunk` rows (the last may be shorter)."""
-    with FileSystems.open(path, _MIME) as handle:
+    with _open(path) as handle:
         if table_format(path) == "parquet":
             batches: Iterable[pa.RecordBatch] = pq.ParquetFile(handle).iter_batches(
                 batch_size=rows_per_chunk
@@ -358,7 +373,9 @@ class _WriteParts(beam.DoFn):
 
     def finish_bundle(self):
         if self._part is not None:
-            yield WindowedValue(self._part.close(), GlobalWindow().max_timestamp(), [GlobalWindow()])
+            yield WindowedValue(
+                self._part.close(), GlobalWindow().max_timestamp(), [GlobalWindow()]
+            )
             self._part = None
 
 

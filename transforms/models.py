@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -25,6 +26,7 @@ __all__ = [
 ]
 
 DTYPES = ("auto", "fp32", "fp16", "bf16", "int8")
+_LOG = logging.getLogger(__name__)
 
 
 class ModelError(ValueError):
@@ -105,21 +107,37 @@ def resolve_model(
         RevisionNotFoundError,
     )
 
+    def from_cache() -> str:
+        # The snapshot folder of a cached revision is named after its commit.
+        return Path(snapshot_download(model, revision=revision, local_files_only=True)).name
+
     try:
         if HF_HUB_OFFLINE:
-            snapshot = snapshot_download(model, revision=revision, local_files_only=True)
-            commit = Path(snapshot).name
+            commit = from_cache()
         else:
-            commit = HfApi().model_info(model, revision=revision).sha
+            try:
+                commit = HfApi().model_info(model, revision=revision).sha
+            except (RepositoryNotFoundError, RevisionNotFoundError):
+                raise
+            except (
+                Exception
+            ) as err:  # the hub cannot be reached: use the cache, as transformers does
+                _LOG.warning("cannot reach the hub (%s); looking in the local cache", err)
+                commit = from_cache()
     except RepositoryNotFoundError as err:
         raise ModelError(f"model {model!r} was not found on the hub (or is private)") from err
     except RevisionNotFoundError as err:
         raise ModelError(f"model {model!r} has no revision {revision!r}") from err
     except LocalEntryNotFoundError as err:
+        why = (
+            "the hub is offline (HF_HUB_OFFLINE=1)"
+            if HF_HUB_OFFLINE
+            else "the hub cannot be reached"
+        )
         raise ModelError(
-            f"model {model!r} at revision {revision!r} is not in the local cache and the hub "
-            "is offline (HF_HUB_OFFLINE=1), and no local directory has that name; download it "
-            "first or point `model` at a directory"
+            f"model {model!r} at revision {revision!r} is not in the local cache, {why}, "
+            "and no local directory has that name; download it first "
+            "(huggingface-cli download) or point `model` at a directory"
         ) from err
     return ResolvedModel(
         model=model,

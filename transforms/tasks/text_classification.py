@@ -37,7 +37,10 @@ class TextClassification:
         self.params = params
 
     def fields(self) -> list[pa.Field]:
-        return [pa.field(f"{self.name}_label", pa.string()), pa.field(f"{self.name}_score", pa.float32())]
+        return [
+            pa.field(f"{self.name}_label", pa.string()),
+            pa.field(f"{self.name}_score", pa.float32()),
+        ]
 
     def load(self, model: ResolvedModel, device: str, dtype: str) -> _Runner:
         from transformers import pipeline

@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny offline models, built once per test session."""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports huggingface_hub: tests never touch the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_DATA = REPO / "sample_data"
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Task family -> directory of a tiny random-weight model with a real tokenizer."""
+    from transformers.utils import logging as hf_logging
+
+    from pipelines.test_models import make_test_models
+
+    hf_logging.disable_progress_bar()
+    return make_test_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def sample_texts() -> list[str]:
+    """The sample data's texts: reviews and news of natural, varied lengths."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(SAMPLE_DATA / "reviews.parquet").column("text").to_pylist()

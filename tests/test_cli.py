@@ -1,0 +1,304 @@
+"""End to end through the command line, on Parquet and CSV, as a user runs it."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.enrich import main, run
+from tests.conftest import SAMPLE_DATA
+
+MANIFEST_KEYS = {
+    "run_id",
+    "started_at",
+    "finished_at",
+    "argv",
+    "runner",
+    "options",
+    "inputs",
+    "output",
+    "rows",
+    "tasks",
+    "spec",
+    "versions",
+}
+TASK_KEYS = {
+    "name",
+    "task",
+    "model",
+    "requested_revision",
+    "resolved_revision",
+    "parameters",
+    "device",
+    "dtype",
+    "devices_used",
+    "batching",
+    "rows",
+    "succeeded",
+    "failed",
+    "rows_per_second",
+}
+
+
+def write_spec(path: Path, models: dict, **top) -> Path:
+    spec = {
+        "rows_per_chunk": 16,
+        **top,
+        "tasks": [
+            {
+                "name": "sentiment",
+                "task": "sentiment-analysis",
+                "model": str(models["text-classification"]),
+            },
+            {"name": "entities", "task": "ner", "model": str(models["token-classification"])},
+            {
+                "name": "embedding",
+                "task": "feature-extraction",
+                "model": str(models["feature-extraction"]),
+                "params": {"normalize": True},
+            },
+        ],
+    }
+    path.write_text(json.dumps(spec))  # JSON is YAML
+    return path
+
+
+def read_parts(output: Path) -> pa.Table:
+    parts = sorted(output.glob("part-*.parquet"))
+    assert parts, "no part files"
+    return pa.concat_tables(pq.read_table(p) for p in parts)
+
+
+def test_parquet_end_to_end(tmp_path, tiny_models):
+    spec = write_spec(tmp_path / "job.yaml", tiny_models)
+    output = tmp_path / "out"
+    source = SAMPLE_DATA / "reviews.parquet"
+    code = main(["--input", str(source), "--output", str(output), "--spec", str(spec)])
+    assert code == 0
+
+    original = pq.read_table(source)
+    result = read_parts(output).sort_by("id")
+    # Input columns first, unchanged, with their exact types (dictionary, date32, ...).
+    assert result.select(original.column_names).equals(original.sort_by("id"))
+    assert result.column_names == [
+        *original.column_names,
+        "sentiment_label",
+        "sentiment_score",
+        "entities",
+        "embedding",
+        "enrich_errors",
+    ]
+    assert result.schema.field("sentiment_score").type == pa.float32()
+    assert result.schema.field("embedding").type == pa.list_(pa.float32())
+    entity = result.schema.field("entities").type.value_type
+    assert [f.name for f in entity] == ["entity_group", "word", "score", "start", "end"]
+    assert entity.field("start").type == pa.int32()
+    assert result.column("enrich_errors").to_pylist() == [[]] * original.num_rows
+
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest.keys() >= MANIFEST_KEYS
+    assert manifest["rows"] == {
+        "in": 71,
+        "out": 71,
+        "failed": {"sentiment": 0, "entities": 0, "embedding": 0},
+    }
+    (entry,) = manifest["inputs"]
+    assert entry["size"] == source.stat().st_size and len(entry["sha256"]) == 64
+    for task in manifest["tasks"]:
+        assert task.keys() >= TASK_KEYS
+        assert task["resolved_revision"].startswith("sha256:")
+        assert task["devices_used"] == ["cpu/fp32"]
+        assert task["succeeded"] + task["failed"] == task["rows"] == 71
+    assert manifest["tasks"][2]["parameters"] == {"normalize": True}
+    assert {"python", "apache-beam", "transformers", "torch", "pyarrow"} <= manifest[
+        "versions"
+    ].keys()
+    assert (output / "errors.jsonl").read_text() == ""
+    assert not (output / "_temporary").exists()
+
+
+def test_csv_end_to_end_multiprocess_with_bad_rows(tmp_path, tiny_models):
+    """CSV in, CSV out, on two worker processes; blank texts become per-row errors."""
+    raw = (SAMPLE_DATA / "reviews.csv").read_bytes()
+    rows = list(csv.reader(io.StringIO(raw.decode("utf-8"), newline="")))
+    header, body = rows[0], rows[1:]
+    text = header.index("text")
+    body[3][text] = ""
+    body[10][text] = "   "
+    source = tmp_path / "in.csv"
+    with source.open("w", encoding="utf-8-sig", newline="") as handle:  # with a BOM
+        csv.writer(handle).writerows([header, *body])
+
+    spec = write_spec(tmp_path / "job.yaml", tiny_models)
+    output = tmp_path / "out"
+    code = main(
+        [
+            "--input",
+            str(source),
+            "--output",
+            str(output),
+            "--spec",
+            str(spec),
+            "--direct_running_mode=multi_processing",
+            "--direct_num_workers=2",
+        ]
+    )
+    assert code == 0
+
+    parts = sorted(output.glob("part-*.csv"))
+    assert parts
+    out_rows = []
+    for part in parts:
+        reader = csv.DictReader(io.StringIO(part.read_text(encoding="utf-8"), newline=""))
+        out_rows.extend(reader)
+    assert list(out_rows[0])[: len(header)] == header
+    by_id = {row["id"]: row for row in out_rows}
+    assert len(by_id) == len(body) == len(out_rows)
+    for cells in body:  # every input cell, exactly as it was
+        assert [by_id[cells[0]][name] for name in header] == cells
+
+    bad = {body[3][0], body[10][0]}
+    for row_id, row in by_id.items():
+        errors = json.loads(row["enrich_errors"])
+        if row_id in bad:
+            assert {e["task"] for e in errors} == {"sentiment", "entities", "embedding"}
+            assert row["sentiment_label"] == "" and row["entities"] == ""
+        else:
+            assert errors == []
+            assert row["sentiment_label"] in {"POSITIVE", "NEGATIVE"}
+            assert isinstance(json.loads(row["entities"]), list)
+            assert len(json.loads(row["embedding"])) == 32
+
+    records = [json.loads(line) for line in (output / "errors.jsonl").read_text().splitlines()]
+    assert sorted({(r["row"], r["task"]) for r in records}) == sorted(
+        (row, task) for row in (3, 10) for task in ("sentiment", "entities", "embedding")
+    )
+    assert all(r["file"] == str(source) and r["error_type"] == "InvalidInput" for r in records)
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["rows"]["failed"] == {"sentiment": 2, "entities": 2, "embedding": 2}
+    assert manifest["options"]["direct_num_workers"] == 2
+
+
+def test_keep_order_across_files(tmp_path, tiny_models):
+    table = pq.read_table(SAMPLE_DATA / "reviews.parquet")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    pq.write_table(table.slice(0, 40), inputs / "a.parquet")
+    pq.write_table(table.slice(40), inputs / "b.parquet")
+    spec = write_spec(tmp_path / "job.yaml", tiny_models, keep_order=True, rows_per_chunk=7)
+    output = tmp_path / "out"
+    assert (
+        main(
+            [
+                "--input",
+                str(inputs / "*.parquet"),
+                "--output",
+                str(output),
+                "--spec",
+                str(spec),
+                "--direct_num_workers=2",
+                "--direct_running_mode=multi_threading",
+            ]
+        )
+        == 0
+    )
+    parts = sorted(output.glob("part-*.parquet"))
+    assert [p.name for p in parts] == ["part-00000-of-00001.parquet"]
+    assert pq.read_table(parts[0]).column("id").to_pylist() == table.column("id").to_pylist()
+
+
+def test_rerun_replaces_previous_output(tmp_path, tiny_models):
+    spec = write_spec(tmp_path / "job.yaml", tiny_models)
+    output = tmp_path / "out"
+    source = SAMPLE_DATA / "reviews.parquet"
+    args = ["--input", str(source), "--output", str(output), "--spec", str(spec)]
+    assert main(args) == 0
+    first = json.loads((output / "manifest.json").read_text())["run_id"]
+    (output / "part-00099-of-00100.parquet").write_bytes(b"stale")
+    assert main(args) == 0
+    second = json.loads((output / "manifest.json").read_text())
+    assert second["run_id"] != first
+    assert sorted(p.name for p in output.iterdir()) == sorted(
+        [
+            *(Path(f["path"]).name for f in second["output"]["files"]),
+            "errors.jsonl",
+            "manifest.json",
+        ]
+    )
+
+
+def test_failed_run_writes_no_manifest_and_no_parts(tmp_path, tiny_models):
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_models["text-classification"], broken)
+    (broken / "model.safetensors").write_bytes(b"not weights")
+    spec = tmp_path / "job.yaml"
+    spec.write_text(
+        json.dumps({"tasks": [{"name": "s", "task": "sentiment-analysis", "model": str(broken)}]})
+    )
+    output = tmp_path / "out"
+    with pytest.raises(Exception, match=r"(?i)safetensors|header|deserializ"):
+        run(
+            [
+                "--input",
+                str(SAMPLE_DATA / "reviews.parquet"),
+                "--output",
+                str(output),
+                "--spec",
+                str(spec),
+            ]
+        )
+    assert not (output / "manifest.json").exists()
+    assert not list(output.glob("part-*"))
+
+
+def test_missing_column_and_column_clash_exit_2(tmp_path, tiny_models, capsys):
+    spec = tmp_path / "job.yaml"
+    source = str(SAMPLE_DATA / "reviews.parquet")
+    model = str(tiny_models["text-classification"])
+    spec.write_text(
+        json.dumps(
+            {
+                "tasks": [
+                    {"name": "s", "task": "sentiment-analysis", "model": model, "input": "body"}
+                ]
+            }
+        )
+    )
+    assert main(["--input", source, "--output", str(tmp_path / "o"), "--spec", str(spec)]) == 2
+    assert "column 'body'" in capsys.readouterr().err
+
+    spec.write_text(
+        json.dumps({"tasks": [{"name": "source", "task": "feature-extraction", "model": model}]})
+    )
+    assert main(["--input", source, "--output", str(tmp_path / "o"), "--spec", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "['source']" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_model_directory_exits_2(tmp_path, capsys):
+    spec = tmp_path / "job.yaml"
+    spec.write_text(
+        json.dumps(
+            {"tasks": [{"name": "s", "task": "sentiment-analysis", "model": "./no/such/model"}]}
+        )
+    )
+    code = main(
+        [
+            "--input",
+            str(SAMPLE_DATA / "reviews.parquet"),
+            "--output",
+            str(tmp_path / "o"),
+            "--spec",
+            str(spec),
+        ]
+    )
+    assert code == 2
+    assert "./no/such/model" in capsys.readouterr().err

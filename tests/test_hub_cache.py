@@ -1,0 +1,73 @@
+"""Hub model ids resolve through the real huggingface_hub cache, offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+
+from tests.conftest import REPO, SAMPLE_DATA
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _fake_cache(cache, repo_id, model_dir):
+    """Lays a model out as huggingface_hub caches a download of `main`."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(model_dir, repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+
+
+def test_hub_id_resolves_to_the_cached_commit(tmp_path, tiny_models):
+    cache = tmp_path / "hub"
+    _fake_cache(cache, "acme/tiny-sentiment", tiny_models["text-classification"])
+    spec = tmp_path / "job.yaml"
+    spec.write_text(
+        json.dumps(
+            {
+                "tasks": [
+                    {"name": "s", "task": "sentiment-analysis", "model": "acme/tiny-sentiment"},
+                    {"name": "t", "task": "sentiment-analysis", "model": "acme/not-cached"},
+                ]
+            }
+        )
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    command = [
+        sys.executable,
+        "-m",
+        "pipelines.enrich",
+        "--input",
+        str(SAMPLE_DATA / "reviews.parquet"),
+        "--output",
+        str(tmp_path / "out"),
+        "--spec",
+        str(spec),
+    ]
+    failed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    assert failed.returncode == 2
+    assert "'acme/not-cached'" in failed.stderr and "not in the local cache" in failed.stderr
+    assert "Traceback" not in failed.stderr
+
+    spec.write_text(
+        json.dumps(
+            {
+                "tasks": [
+                    {"name": "s", "task": "sentiment-analysis", "model": "acme/tiny-sentiment"},
+                ]
+            }
+        )
+    )
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    (task,) = manifest["tasks"]
+    assert (task["model"], task["model_source"]) == ("acme/tiny-sentiment", "hub")
+    assert (task["requested_revision"], task["resolved_revision"]) == ("main", COMMIT)
+    table = pq.read_table(next((tmp_path / "out").glob("part-*.parquet")))
+    assert set(table.column("s_label").to_pylist()) <= {"POSITIVE", "NEGATIVE"}

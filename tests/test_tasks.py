@@ -1,0 +1,125 @@
+"""Each task adapter, row by row, against a direct transformers call on the same model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from transformers import pipeline
+
+from transforms.enrich import run_task
+from transforms.models import resolve_model
+from transforms.tasks.feature_extraction import FeatureExtraction, FeatureExtractionParams
+from transforms.tasks.text_classification import TextClassification, TextClassificationParams
+from transforms.tasks.token_classification import (
+    TokenClassification,
+    TokenClassificationParams,
+)
+
+# A small budget forces many micro-batches of several padded rows each, so the
+# comparison covers padding, sorting and the reordering back to input order.
+SMALL_BUDGET = 600
+TOLERANCE = 1e-4
+
+
+def _runner(adapter, path, dtype="fp32"):
+    return adapter.load(resolve_model(str(path)), "cpu", dtype)
+
+
+def _long_text(words: int) -> str:
+    return " ".join(["The committee in Geneva discussed the annual report again."] * (words // 9))
+
+
+def test_sentiment_matches_pipeline(tiny_models, sample_texts):
+    path = tiny_models["text-classification"]
+    adapter = TextClassification("sentiment", TextClassificationParams())
+    texts = [*sample_texts, _long_text(900)]
+    results, errors, truncated = run_task(_runner(adapter, path), texts, SMALL_BUDGET)
+
+    assert errors == [None] * len(texts)
+    assert truncated == 1
+    direct = pipeline("sentiment-analysis", model=str(path))
+    for text, (label, score) in zip(texts, results, strict=True):
+        expected = direct(text, truncation=True)[0]
+        assert label == expected["label"]
+        assert score == pytest.approx(expected["score"], abs=TOLERANCE)
+    assert {label for label, _ in results} == {"NEGATIVE", "POSITIVE"}
+
+
+@pytest.mark.parametrize("function", ["sigmoid", "none"])
+def test_function_to_apply_matches_pipeline(tiny_models, sample_texts, function):
+    path = tiny_models["text-classification"]
+    adapter = TextClassification("s", TextClassificationParams(function_to_apply=function))
+    results, _, _ = run_task(_runner(adapter, path), sample_texts[:12], SMALL_BUDGET)
+
+    direct = pipeline("text-classification", model=str(path))
+    for text, (label, score) in zip(sample_texts[:12], results, strict=True):
+        expected = direct(text, function_to_apply=function)[0]
+        assert label == expected["label"]
+        assert score == pytest.approx(expected["score"], abs=TOLERANCE)
+
+
+@pytest.mark.parametrize("strategy", ["simple", "first", "none"])
+def test_entities_match_pipeline(tiny_models, sample_texts, strategy):
+    path = tiny_models["token-classification"]
+    adapter = TokenClassification("ents", TokenClassificationParams(aggregation_strategy=strategy))
+    texts = sample_texts[:30]
+    results, errors, _ = run_task(_runner(adapter, path), texts, SMALL_BUDGET)
+
+    assert errors == [None] * len(texts)
+    direct = pipeline("token-classification", model=str(path), aggregation_strategy=strategy)
+    found = 0
+    for text, (entities,) in zip(texts, results, strict=True):
+        expected = direct(text)
+        assert len(entities) == len(expected)
+        for ours, theirs in zip(entities, expected, strict=True):
+            assert ours["entity_group"] == theirs.get("entity_group", theirs.get("entity"))
+            assert (ours["word"], ours["start"], ours["end"]) == (
+                theirs["word"],
+                theirs["start"],
+                theirs["end"],
+            )
+            assert ours["score"] == pytest.approx(float(theirs["score"]), abs=TOLERANCE)
+            # Offsets point into the row's own text.
+            assert 0 <= ours["start"] < ours["end"] <= len(text)
+        found += len(entities)
+    assert found > 0
+
+
+def test_embeddings_match_mean_pooled_pipeline(tiny_models, sample_texts):
+    path = tiny_models["feature-extraction"]
+    adapter = FeatureExtraction("emb", FeatureExtractionParams())
+    results, _, _ = run_task(_runner(adapter, path), sample_texts, SMALL_BUDGET)
+
+    direct = pipeline("feature-extraction", model=str(path))
+    for text, (vector,) in zip(sample_texts, results, strict=True):
+        tokens = np.asarray(direct(text)[0])  # one unpadded row: every token counts
+        np.testing.assert_allclose(vector, tokens.mean(axis=0), atol=TOLERANCE)
+    assert adapter.fields()[0].type.value_type.bit_width == 32
+
+
+def test_normalized_embeddings_have_unit_length(tiny_models, sample_texts):
+    path = tiny_models["feature-extraction"]
+    plain, _, _ = run_task(
+        _runner(FeatureExtraction("e", FeatureExtractionParams()), path), sample_texts[:8], 4096
+    )
+    unit, _, _ = run_task(
+        _runner(FeatureExtraction("e", FeatureExtractionParams(normalize=True)), path),
+        sample_texts[:8],
+        4096,
+    )
+    for (raw,), (normalized,) in zip(plain, unit, strict=True):
+        assert np.linalg.norm(normalized) == pytest.approx(1.0, abs=1e-5)
+        np.testing.assert_allclose(normalized, raw / np.linalg.norm(raw), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_reduced_precision_runs_and_mostly_agrees(tiny_models, sample_texts, dtype):
+    path = tiny_models["text-classification"]
+    adapter = TextClassification("s", TextClassificationParams())
+    fp32, _, _ = run_task(_runner(adapter, path), sample_texts, 4096)
+    reduced, errors, _ = run_task(_runner(adapter, path, dtype), sample_texts, 4096)
+
+    assert errors == [None] * len(sample_texts)
+    agree = sum(a[0] == b[0] for a, b in zip(fp32, reduced, strict=True)) / len(fp32)
+    assert agree >= 0.9
+    assert all(isinstance(score, float) for _, score in reduced)
