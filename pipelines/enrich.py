@@ -88,13 +88,20 @@ def prepare_job(
     bindings = []
     added: list[pa.Field] = []
     for task in spec.tasks:
-        column = spec.input_column(task)
-        if column not in schema.names:
-            raise InputError(
-                f"task {task.name!r} reads column {column!r}, which the input does not have; "
-                f"columns: {', '.join(schema.names)} (set `input:` or `text_column:`)"
-            )
-        adapter = adapter_for(task.task)(task.name, task.params)
+        adapter = adapter_for(task.task)(
+            task.name,
+            task.params,
+            input_column=spec.input_column(task),
+            on_long_input=task.on_long_input,
+        )
+        # A task may read the input's columns and those of the tasks before it.
+        available = [*schema.names, *(field.name for field in added)]
+        for column in adapter.read_columns():
+            if column not in available:
+                raise InputError(
+                    f"task {task.name!r} reads column {column!r}, which the input does not "
+                    f"have; columns: {', '.join(available)} (set `input:` or `text_column:`)"
+                )
         model = resolve_model(
             task.model_id, task.revision, trust_remote_code=task.trust_remote_code
         )
@@ -102,7 +109,6 @@ def prepare_job(
             TaskBinding(
                 adapter=adapter,
                 model=model,
-                input_column=column,
                 device=task.device,
                 dtype=task.dtype,
                 max_batch_tokens=task.max_batch_tokens,
@@ -171,7 +177,8 @@ def _describe_task(spec: JobSpec, binding: TaskBinding) -> dict:
         "requested_revision": model.requested_revision,
         "resolved_revision": model.resolved,
         "trust_remote_code": model.trust_remote_code,
-        "input_column": binding.input_column,
+        "input_columns": binding.adapter.read_columns(),
+        "on_long_input": task.on_long_input,
         "parameters": task.params.model_dump(mode="json"),
         "device": task.device,
         "dtype": task.dtype,

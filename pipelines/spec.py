@@ -7,6 +7,7 @@ unknown key anywhere is named with its full path and the accepted names.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -58,6 +59,9 @@ class TaskSpec(_Frozen):
     device: str = Field("auto", pattern=_DEVICE)
     dtype: Literal[DTYPES] = "auto"  # type: ignore[valid-type]
     max_batch_tokens: StrictInt = Field(8192, gt=0, le=10_000_000)
+    on_long_input: Literal["truncate", "chunk"] = Field(
+        "truncate", description="truncate to the model's limit, or cover the text in windows"
+    )
     trust_remote_code: StrictBool = False
     params: Any = None
 
@@ -65,6 +69,17 @@ class TaskSpec(_Frozen):
     @classmethod
     def _empty_params(cls, value: Any) -> Any:
         return {} if value is None else value  # `params:` left empty in YAML
+
+    @model_validator(mode="after")
+    def _chunking_is_supported(self) -> TaskSpec:
+        adapter = ADAPTERS.get(self.task)
+        if self.on_long_input == "chunk" and adapter and not adapter.supports_chunking:
+            supported = sorted(t for t, a in ADAPTERS.items() if a.supports_chunking)
+            raise ValueError(
+                f"on_long_input: 'chunk' is supported by {', '.join(supported) or 'no task'}; "
+                f"{self.task!r} takes 'truncate'"
+            )
+        return self
 
     @property
     def model_id(self) -> str:
@@ -143,8 +158,10 @@ def _message(error: dict) -> tuple[str, str]:
         return where, f"{error['msg']}, got {error['input']!r}"
     if kind == "value_error":
         message = str(error["ctx"]["error"])
-        if not error["loc"] and ": " in message:  # a model validator's "path: message"
-            return tuple(message.split(": ", 1))
+        key = re.match(r"^([\w\[\].]+): ", message)  # a model validator's "key: message"
+        if key:
+            message = message[key.end() :]
+            where = key[1] if where == "(top level)" else f"{where}.{key[1]}"
         return where, message
     return where, error["msg"]
 

@@ -13,6 +13,7 @@ from transforms.batching import plan_batches
 from transforms.chunks import ERRORS_COLUMN, ERRORS_TYPE, Chunk
 from transforms.enrich import EnrichTables, TaskBinding, _EnrichDoFn, add_task_columns, run_task
 from transforms.models import resolve_model
+from transforms.tasks.base import check_text
 from transforms.tasks.text_classification import TextClassification, TextClassificationParams
 
 
@@ -40,7 +41,7 @@ class UpperRunner:
 def test_run_task_isolates_failing_rows_and_keeps_order():
     texts = ["alpha", None, "BOOM here", "", "   ", "beta", "gamma", "BADPREP", "delta" * 5]
     runner = UpperRunner()
-    results, errors, truncated = run_task(runner, texts, max_batch_tokens=10_000)
+    results, errors, truncated = run_task(runner, [check_text(t) for t in texts], 10_000)
 
     assert results == [
         ("ALPHA",),
@@ -65,7 +66,7 @@ def test_run_task_isolates_failing_rows_and_keeps_order():
 
 
 def test_run_task_reports_non_string_values():
-    _, errors, _ = run_task(UpperRunner(), [3, b"bytes", "ok"], 100)
+    _, errors, _ = run_task(UpperRunner(), [check_text(v) for v in (3, b"bytes", "ok")], 100)
     assert errors[:2] == [
         "InvalidInput: text must be a string, got int",
         "InvalidInput: text must be a string, got bytes",
@@ -114,9 +115,8 @@ def test_add_task_columns_appends_and_keeps_errors_last():
 
 def _binding(tiny_models, name="sentiment", column="text"):
     return TaskBinding(
-        adapter=TextClassification(name, TextClassificationParams()),
+        adapter=TextClassification(name, TextClassificationParams(), input_column=column),
         model=resolve_model(str(tiny_models["text-classification"])),
-        input_column=column,
         device="cpu",
         max_batch_tokens=256,
     )

@@ -14,7 +14,7 @@ from apache_beam.utils import shared
 from transforms.batching import plan_batches
 from transforms.chunks import ERRORS_COLUMN, ERRORS_TYPE, Chunk, TaskStats
 from transforms.models import ResolvedModel, resolve_device, resolve_dtype
-from transforms.tasks.base import Runner, TaskAdapter
+from transforms.tasks.base import InvalidInput, Runner, TaskAdapter
 
 __all__ = ["EnrichTables", "TaskBinding", "add_task_columns", "run_task"]
 
@@ -26,9 +26,8 @@ class TaskBinding:
     """Everything a worker needs to run one task: picklable, no model inside.
 
     Attributes:
-        adapter: the task family's adapter, holding the task's name and parameters.
+        adapter: the task family's adapter: the task's name, parameters and columns.
         model: the model pinned to a commit or content hash.
-        input_column: the text column the task reads.
         device: `auto`, `cpu`, `cuda` or `cuda:N`, decided on the worker.
         dtype: `auto`, `fp32`, `fp16`, `bf16` or `int8`.
         max_batch_tokens: the padded size (rows x longest row) of one micro-batch.
@@ -36,7 +35,6 @@ class TaskBinding:
 
     adapter: TaskAdapter
     model: ResolvedModel
-    input_column: str
     device: str = "auto"
     dtype: str = "auto"
     max_batch_tokens: int = 8192
@@ -54,33 +52,31 @@ class _LoadedRunner:
     dtype: str
 
 
-def _input_problem(value) -> str | None:
-    if value is None:
-        return "InvalidInput: text is null"
-    if not isinstance(value, str):
-        return f"InvalidInput: text must be a string, got {type(value).__name__}"
-    if not value.strip():
-        return "InvalidInput: text is empty"
-    return None
-
-
 def run_task(
-    runner: Runner, texts: Sequence, max_batch_tokens: int
+    runner: Runner, inputs: Sequence, max_batch_tokens: int
 ) -> tuple[list[tuple | None], list[str | None], int]:
-    """Runs a task over one chunk's texts.
+    """Runs a task over one chunk's row inputs.
 
-    Invalid texts and rows whose inference raises get an error instead of a result; a
-    micro-batch that raises is split in halves until the failing rows are found, so
-    the rows beside them still get their results.
+    Args:
+        runner: the loaded task.
+        inputs: per row, the task's input from `TaskAdapter.row_inputs`; an
+            `InvalidInput` stands for a row that cannot run.
+        max_batch_tokens: the padded size of one micro-batch.
+
+    Rows with invalid input and rows whose inference raises get an error instead of a
+    result; a micro-batch that raises is split in halves until the failing rows are
+    found, so the rows beside them still get their results.
 
     Returns:
         (results, errors, truncated): per row, a tuple of field values or None, and an
         error string (`Type: message`) or None; and how many rows were truncated.
     """
-    results: list[tuple | None] = [None] * len(texts)
-    errors: list[str | None] = [_input_problem(text) for text in texts]
+    results: list[tuple | None] = [None] * len(inputs)
+    errors: list[str | None] = [
+        _describe(x) if isinstance(x, InvalidInput) else None for x in inputs
+    ]
     valid = [i for i, error in enumerate(errors) if error is None]
-    items = _prepare(runner, [texts[i] for i in valid], valid, errors)
+    items = _prepare(runner, [inputs[i] for i in valid], valid, errors)
     prepared = [(i, item) for i, item in zip(valid, items, strict=True) if item is not None]
     costs = [runner.cost(item) for _, item in prepared]
     for batch in plan_batches(costs, max_batch_tokens):
@@ -89,15 +85,15 @@ def run_task(
     return results, errors, truncated
 
 
-def _prepare(runner: Runner, texts: list[str], rows: list[int], errors: list) -> list:
+def _prepare(runner: Runner, inputs: list, rows: list[int], errors: list) -> list:
     try:
-        return runner.prepare(texts)
+        return runner.prepare(inputs)
     except Exception:
         # One bad row must not fail the chunk: find it by preparing rows one by one.
         items = []
-        for row, text in zip(rows, texts, strict=True):
+        for row, value in zip(rows, inputs, strict=True):
             try:
-                items.extend(runner.prepare([text]))
+                items.extend(runner.prepare([value]))
             except Exception as err:
                 errors[row] = _describe(err)
                 items.append(None)
@@ -187,18 +183,20 @@ class _EnrichDoFn(beam.DoFn):
 
     def process(self, chunk: Chunk) -> Iterator[Chunk]:
         task = self._task
-        texts = chunk.table.column(task.input_column).to_pylist()
+        adapter = task.adapter
+        columns = {name: chunk.table.column(name).to_pylist() for name in adapter.read_columns()}
         started = time.perf_counter()
-        results, errors, truncated = run_task(self._loaded.runner, texts, task.max_batch_tokens)
+        inputs = adapter.row_inputs(columns)
+        results, errors, truncated = run_task(self._loaded.runner, inputs, task.max_batch_tokens)
         seconds = time.perf_counter() - started
         table = add_task_columns(chunk.table, task.name, task.adapter.fields(), results, errors)
         failed = sum(error is not None for error in errors)
-        self._rows.inc(len(texts))
+        self._rows.inc(len(inputs))
         self._failed.inc(failed)
         self._batch_ms.update(int(seconds * 1000))
         stats = TaskStats(
             task=task.name,
-            rows=len(texts),
+            rows=len(inputs),
             failed=failed,
             truncated=truncated,
             seconds=seconds,

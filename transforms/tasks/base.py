@@ -1,10 +1,10 @@
 """The small interface every task family implements, and the encoding they share.
 
-A task adapter is cheap, picklable configuration; `load()` returns a runner that holds
-the model on one worker. The runner splits the hot path the way transformers'
-`Pipeline` does: `prepare` (tokenize a whole chunk once), `cost` (its length, for
-sorting and packing), `infer` (one padded forward pass over a micro-batch and the
-post-processing). None of this knows about Beam.
+A task adapter (a `TaskAdapter` subclass) is cheap, picklable configuration; `load()`
+returns a runner that holds the model on one worker. The runner splits the hot path
+the way transformers' `Pipeline` does: `prepare` (tokenize a whole chunk once),
+`cost` (its length, for sorting and packing), `infer` (one padded forward pass over a
+micro-batch and the post-processing). None of this knows about Beam.
 """
 
 from __future__ import annotations
@@ -18,7 +18,16 @@ from pydantic import BaseModel, ConfigDict
 
 from transforms.models import ResolvedModel
 
-__all__ = ["Encoded", "Params", "Runner", "TaskAdapter", "encode_texts", "pad_batch"]
+__all__ = [
+    "Encoded",
+    "InvalidInput",
+    "Params",
+    "Runner",
+    "TaskAdapter",
+    "check_text",
+    "encode_texts",
+    "pad_batch",
+]
 
 
 class Params(BaseModel):
@@ -30,8 +39,8 @@ class Params(BaseModel):
 class Runner(Protocol):
     """A loaded model for one task, held once per worker process."""
 
-    def prepare(self, texts: Sequence[str]) -> list[Any]:
-        """Tokenizes the rows of a chunk, once; one item per text."""
+    def prepare(self, inputs: Sequence[Any]) -> list[Any]:
+        """Tokenizes a chunk's valid row inputs, once; one item per input."""
 
     def cost(self, item: Any) -> int:
         """The item's length in tokens, for sorting and token-budget packing."""
@@ -40,20 +49,77 @@ class Runner(Protocol):
         """One tuple of field values (in `fields()` order) per item, in order."""
 
 
-class TaskAdapter(Protocol):
-    """One task family: its parameters, its output columns, and how to load it."""
+class InvalidInput(ValueError):
+    """A row whose input cannot run: null, empty, not a string, a missing mask, …"""
 
-    tasks: ClassVar[tuple[str, ...]]
-    params_type: ClassVar[type[Params]]
-    default_model: ClassVar[str]
 
-    def __init__(self, name: str, params: Params) -> None: ...
+def check_text(value: Any) -> str | InvalidInput:
+    """The value if it is a non-blank string, else the reason it cannot be used."""
+    if value is None:
+        return InvalidInput("text is null")
+    if not isinstance(value, str):
+        return InvalidInput(f"text must be a string, got {type(value).__name__}")
+    if not value.strip():
+        return InvalidInput("text is empty")
+    return value
+
+
+class TaskAdapter:
+    """One task family: its parameters, its output columns, and how to load it.
+
+    Subclasses set the class attributes and implement `fields` and `load`. A task that
+    reads more than its one text column (a question column, a prompt template) also
+    overrides `read_columns` and `row_inputs`.
+
+    Args:
+        name: the task's name from the spec; prefixes its columns.
+        params: the family's typed parameters.
+        input_column: the column holding the task's main text.
+        on_long_input: `truncate` (cut to the model's limit) or `chunk` (cover the whole
+            text with overlapping windows; tasks with `supports_chunking` only).
+    """
+
+    tasks: ClassVar[tuple[str, ...]] = ()
+    params_type: ClassVar[type[Params]] = Params
+    default_model: ClassVar[str] = ""
+    supports_chunking: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        name: str,
+        params: Params | None = None,
+        *,
+        input_column: str = "text",
+        on_long_input: str = "truncate",
+    ):
+        if on_long_input not in ("truncate", "chunk"):
+            raise ValueError(f"on_long_input {on_long_input!r}: expected truncate or chunk")
+        if on_long_input == "chunk" and not self.supports_chunking:
+            raise ValueError(
+                f"task {name!r}: on_long_input 'chunk' is not supported by {self.tasks[0]}; "
+                "use 'truncate'"
+            )
+        self.name = name
+        self.params = params if params is not None else self.params_type()
+        self.input_column = input_column
+        self.on_long_input = on_long_input
 
     def fields(self) -> list[pa.Field]:
         """The typed columns this task adds, prefixed with the task's name."""
+        raise NotImplementedError
 
     def load(self, model: ResolvedModel, device: str, dtype: str) -> Runner:
         """Loads the model on this worker."""
+        raise NotImplementedError
+
+    def read_columns(self) -> list[str]:
+        """Every input column the task reads; checked against the input before the run."""
+        return [self.input_column]
+
+    def row_inputs(self, columns: dict[str, list]) -> list[Any]:
+        """One input per row for `Runner.prepare`, or an `InvalidInput` for a row that
+        cannot run. `columns` holds each of `read_columns()` as Python values."""
+        return [check_text(value) for value in columns[self.input_column]]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,14 @@ from collections.abc import Sequence
 import pyarrow as pa
 
 from transforms.models import ResolvedModel, load_kwargs, place_model
-from transforms.tasks.base import Encoded, Params, encode_texts, model_max_length, pad_batch
+from transforms.tasks.base import (
+    Encoded,
+    Params,
+    TaskAdapter,
+    encode_texts,
+    model_max_length,
+    pad_batch,
+)
 
 __all__ = ["FeatureExtraction", "FeatureExtractionParams"]
 
@@ -22,16 +29,12 @@ class FeatureExtractionParams(Params):
     normalize: bool = False
 
 
-class FeatureExtraction:
+class FeatureExtraction(TaskAdapter):
     """Adapter for `feature-extraction`: the last hidden state, mean-pooled over the mask."""
 
     tasks = ("feature-extraction",)
     params_type = FeatureExtractionParams
     default_model = "sentence-transformers/all-MiniLM-L6-v2"
-
-    def __init__(self, name: str, params: FeatureExtractionParams):
-        self.name = name
-        self.params = params
 
     def fields(self) -> list[pa.Field]:
         return [pa.field(self.name, pa.list_(pa.float32()))]

@@ -8,7 +8,14 @@ from typing import Literal
 import pyarrow as pa
 
 from transforms.models import ResolvedModel, load_kwargs, place_model
-from transforms.tasks.base import Encoded, Params, encode_texts, model_max_length, pad_batch
+from transforms.tasks.base import (
+    Encoded,
+    Params,
+    TaskAdapter,
+    encode_texts,
+    model_max_length,
+    pad_batch,
+)
 
 __all__ = ["TextClassification", "TextClassificationParams"]
 
@@ -25,16 +32,12 @@ class TextClassificationParams(Params):
     function_to_apply: Literal["default", "softmax", "sigmoid", "none"] = "default"
 
 
-class TextClassification:
+class TextClassification(TaskAdapter):
     """Adapter for `sentiment-analysis` and `text-classification`."""
 
     tasks = ("sentiment-analysis", "text-classification")
     params_type = TextClassificationParams
     default_model = "distilbert/distilbert-base-uncased-finetuned-sst-2-english"
-
-    def __init__(self, name: str, params: TextClassificationParams):
-        self.name = name
-        self.params = params
 
     def fields(self) -> list[pa.Field]:
         return [

@@ -8,7 +8,14 @@ from typing import Literal
 import pyarrow as pa
 
 from transforms.models import ResolvedModel, load_kwargs, place_model
-from transforms.tasks.base import Encoded, Params, encode_texts, model_max_length, pad_batch
+from transforms.tasks.base import (
+    Encoded,
+    Params,
+    TaskAdapter,
+    encode_texts,
+    model_max_length,
+    pad_batch,
+)
 
 __all__ = ["ENTITY_TYPE", "TokenClassification", "TokenClassificationParams"]
 
@@ -36,16 +43,12 @@ class TokenClassificationParams(Params):
     ignore_labels: tuple[str, ...] = ("O",)
 
 
-class TokenClassification:
+class TokenClassification(TaskAdapter):
     """Adapter for `ner` and `token-classification`."""
 
     tasks = ("ner", "token-classification")
     params_type = TokenClassificationParams
     default_model = "dslim/bert-base-NER"
-
-    def __init__(self, name: str, params: TokenClassificationParams):
-        self.name = name
-        self.params = params
 
     def fields(self) -> list[pa.Field]:
         return [pa.field(self.name, pa.list_(ENTITY_TYPE))]
