@@ -9,12 +9,22 @@ meaningless; they exist so pipelines and ETL jobs can be tested without a networ
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-__all__ = ["NER_LABELS", "SENTIMENT_LABELS", "make_test_models"]
+__all__ = [
+    "BUILDERS",
+    "NER_LABELS",
+    "SENTIMENT_LABELS",
+    "builder",
+    "byte_level_bpe",
+    "make_test_models",
+    "save",
+    "wordpiece_vocab",
+]
 
 SENTIMENT_LABELS = ("NEGATIVE", "POSITIVE")
 NER_LABELS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC")
@@ -47,7 +57,16 @@ def _corpus() -> list[str]:
     return texts
 
 
-def _wordpiece_vocab(size: int) -> dict[str, int]:
+def _labels(names: Sequence[str]) -> dict:
+    return {
+        "id2label": dict(enumerate(names)),
+        "label2id": {name: i for i, name in enumerate(names)},
+    }
+
+
+@functools.cache
+def wordpiece_vocab(size: int = 2000) -> dict[str, int]:
+    """A lower-cased BERT-style WordPiece vocabulary trained on the corpus."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
@@ -58,81 +77,132 @@ def _wordpiece_vocab(size: int) -> dict[str, int]:
     return tokenizer.get_vocab()
 
 
-def _labels(names: Sequence[str]) -> dict:
-    return {
-        "id2label": dict(enumerate(names)),
-        "label2id": {name: i for i, name in enumerate(names)},
-    }
+@functools.cache
+def byte_level_bpe(size: int = 2000, special_tokens: tuple[str, ...] = ()) -> tuple[dict, list]:
+    """A GPT-2 style byte-level BPE (vocab, merges) trained on the corpus."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=size,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(_corpus(), trainer)
+    state = json.loads(tokenizer.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    return state["vocab"], merges
 
 
-def make_test_models(directory: str | Path, *, seed: int = 0) -> dict[str, Path]:
-    """Writes one tiny model per task family under `directory`.
+# A wide weight spread keeps scores far from uniform, so float noise from padding
+# cannot flip an argmax between batched and unbatched runs.
+BERT = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 512,
+    "initializer_range": 0.5,
+}
+DISTILBERT = {
+    "dim": 32,
+    "hidden_dim": 64,
+    "n_layers": 2,
+    "n_heads": 2,
+    "max_position_embeddings": 512,
+    "initializer_range": 0.5,
+}
 
-    Returns:
-        Task name -> model directory (`text-classification`, `token-classification`,
-        `feature-extraction`; the sentiment-analysis and ner tasks use the first two).
-    """
+#: Model folder name -> function(target, seed) that writes a tiny model there.
+BUILDERS: dict[str, Callable[[Path, int], None]] = {}
+
+
+def builder(name: str):
+    """Registers a function that writes the tiny model `name`."""
+
+    def register(function):
+        BUILDERS[name] = function
+        return function
+
+    return register
+
+
+def save(model, tokenizer, target: Path) -> None:
+    """Saves a model and its tokenizer with the README that says they are meaningless."""
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    (target / "README.txt").write_text(_README, encoding="utf-8")
+
+
+# Model and tokenizer classes match, so the tokenizer feeds only inputs the model
+# accepts (DistilBERT takes no token_type_ids).
+
+
+@builder("text-classification")
+def _text_classification(target: Path, seed: int) -> None:
     import torch
     from transformers import (
-        BertConfig,
-        BertForTokenClassification,
-        BertModel,
-        BertTokenizer,
         DistilBertConfig,
         DistilBertForSequenceClassification,
         DistilBertTokenizer,
     )
 
+    vocab = wordpiece_vocab()
+    torch.manual_seed(seed)
+    config = DistilBertConfig(vocab_size=len(vocab), **DISTILBERT, **_labels(SENTIMENT_LABELS))
+    model = DistilBertForSequenceClassification(config)
+    save(model, DistilBertTokenizer(vocab=vocab, model_max_length=512), target)
+
+
+@builder("token-classification")
+def _token_classification(target: Path, seed: int) -> None:
+    import torch
+    from transformers import BertConfig, BertForTokenClassification, BertTokenizer
+
+    vocab = wordpiece_vocab()
+    torch.manual_seed(seed)
+    model = BertForTokenClassification(
+        BertConfig(vocab_size=len(vocab), **BERT, **_labels(NER_LABELS))
+    )
+    save(model, BertTokenizer(vocab=vocab, model_max_length=512), target)
+
+
+@builder("feature-extraction")
+def _feature_extraction(target: Path, seed: int) -> None:
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    vocab = wordpiece_vocab()
+    torch.manual_seed(seed)
+    model = BertModel(BertConfig(vocab_size=len(vocab), **BERT))
+    save(model, BertTokenizer(vocab=vocab, model_max_length=512), target)
+
+
+def make_test_models(
+    directory: str | Path, *, seed: int = 0, only: Sequence[str] | None = None
+) -> dict[str, Path]:
+    """Writes one tiny model per entry of `BUILDERS` under `directory`.
+
+    Args:
+        directory: the parent folder; each model gets a folder named after its entry.
+        seed: the torch seed for the random weights.
+        only: build just these entries.
+
+    Returns:
+        Entry name -> model directory.
+    """
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
-    vocab = _wordpiece_vocab(2000)
-    # A wide weight spread keeps scores far from uniform, so float noise from padding
-    # cannot flip an argmax between batched and unbatched runs.
-    bert = {
-        "vocab_size": len(vocab),
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "intermediate_size": 64,
-        "max_position_embeddings": 512,
-        "initializer_range": 0.5,
-    }
-    distilbert = {
-        "vocab_size": len(vocab),
-        "dim": 32,
-        "hidden_dim": 64,
-        "n_layers": 2,
-        "n_heads": 2,
-        "max_position_embeddings": 512,
-        "initializer_range": 0.5,
-    }
-    # Model and tokenizer classes match, so the tokenizer feeds only inputs the
-    # model accepts (DistilBERT takes no token_type_ids).
-    builds = {
-        "text-classification": (
-            DistilBertForSequenceClassification,
-            DistilBertConfig(**distilbert, **_labels(SENTIMENT_LABELS)),
-            DistilBertTokenizer,
-        ),
-        "token-classification": (
-            BertForTokenClassification,
-            BertConfig(**bert, **_labels(NER_LABELS)),
-            BertTokenizer,
-        ),
-        "feature-extraction": (BertModel, BertConfig(**bert), BertTokenizer),
-    }
     written = {}
-    for task, (model_class, config, tokenizer_class) in builds.items():
-        torch.manual_seed(seed)
-        model = model_class(config)
-        target = root / task
-        model.save_pretrained(target)
-        tokenizer_class(vocab=vocab, model_max_length=512).save_pretrained(target)
-        (target / "README.txt").write_text(_README, encoding="utf-8")
-        written[task] = target
+    for name, build in BUILDERS.items():
+        if only is not None and name not in only:
+            continue
+        build(root / name, seed)
+        written[name] = root / name
     (root / "README.txt").write_text(_README, encoding="utf-8")
     (root / "models.json").write_text(
-        json.dumps({task: str(path) for task, path in written.items()}, indent=2) + "\n",
+        json.dumps({name: str(path) for name, path in written.items()}, indent=2) + "\n",
         encoding="utf-8",
     )
     return written

@@ -34,3 +34,13 @@ def test_paraphrases_are_closer_than_unrelated_text():
     for paraphrase, other in ((0, 1), (2, 3)):
         unrelated = [i for i in range(5) if i not in (paraphrase, other)]
         assert similarity[paraphrase, other] > similarity[paraphrase, unrelated].max() + 0.2
+
+
+@pytest.mark.parametrize(("dtype", "floor"), [("bf16", 0.999), ("int8", 0.95)])
+def test_reduced_precision_embeddings_stay_close_to_fp32(sample_texts, dtype, floor):
+    adapter = FeatureExtraction("emb", FeatureExtractionParams(normalize=True))
+    model = resolve_model(str(MODEL_DIR))
+    full, _, _ = run_task(adapter.load(model, "cpu", "fp32"), sample_texts, 4096)
+    reduced, _, _ = run_task(adapter.load(model, "cpu", dtype), sample_texts, 4096)
+    cosine = [float(np.dot(a, b)) for (a,), (b,) in zip(full, reduced, strict=True)]
+    assert np.mean(cosine) >= floor
