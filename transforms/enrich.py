@@ -77,7 +77,12 @@ def run_task(
     ]
     valid = [i for i, error in enumerate(errors) if error is None]
     items = _prepare(runner, [inputs[i] for i in valid], valid, errors)
-    prepared = [(i, item) for i, item in zip(valid, items, strict=True) if item is not None]
+    prepared = []
+    for row, item in zip(valid, items, strict=True):
+        if isinstance(item, InvalidInput):  # prepare may reject a row it cannot run
+            errors[row] = _describe(item)
+        elif item is not None:
+            prepared.append((row, item))
     costs = [runner.cost(item) for _, item in prepared]
     for batch in plan_batches(costs, max_batch_tokens):
         _infer_isolating(runner, [prepared[b] for b in batch], results, errors)

@@ -40,7 +40,8 @@ class Runner(Protocol):
     """A loaded model for one task, held once per worker process."""
 
     def prepare(self, inputs: Sequence[Any]) -> list[Any]:
-        """Tokenizes a chunk's valid row inputs, once; one item per input."""
+        """Tokenizes a chunk's valid row inputs, once; one item per input, or an
+        `InvalidInput` in place of an item for a row that cannot run."""
 
     def cost(self, item: Any) -> int:
         """The item's length in tokens, for sorting and token-budget packing."""
