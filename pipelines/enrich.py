@@ -39,7 +39,6 @@ from transforms.io import (
     table_format,
 )
 from transforms.models import ModelError, resolve_model
-from transforms.tasks import adapter_for
 
 __all__ = ["Job", "build", "main", "prepare_job", "run"]
 
@@ -88,12 +87,7 @@ def prepare_job(
     bindings = []
     added: list[pa.Field] = []
     for task in spec.tasks:
-        adapter = adapter_for(task.task)(
-            task.name,
-            task.params,
-            input_column=spec.input_column(task),
-            on_long_input=task.on_long_input,
-        )
+        adapter = spec.adapter(task)
         # A task may read the input's columns and those of the tasks before it.
         available = [*schema.names, *(field.name for field in added)]
         for column in adapter.read_columns():

@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from transforms.models import DTYPES
-from transforms.tasks import ADAPTERS
+from transforms.tasks import ADAPTERS, TaskAdapter
 
 __all__ = ["JobSpec", "SpecError", "TaskSpec", "load_spec", "parse_spec"]
 
@@ -110,6 +110,9 @@ class JobSpec(_Frozen):
     text_column: str = Field("text", min_length=1)
     rows_per_chunk: StrictInt = Field(512, gt=0, le=1_000_000)
     keep_order: StrictBool = False
+    max_new_tokens_limit: StrictInt = Field(
+        1024, gt=0, description="the most new tokens any generation task may ask for"
+    )
     tasks: list[_AnyTask] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -123,6 +126,31 @@ class JobSpec(_Frozen):
                 )
             seen.add(task.name)
         return self
+
+    @model_validator(mode="after")
+    def _tasks_can_be_built(self) -> JobSpec:
+        for i, task in enumerate(self.tasks):
+            requested = getattr(task.params, "max_new_tokens", None)
+            if requested is not None and requested > self.max_new_tokens_limit:
+                raise ValueError(
+                    f"tasks[{i}].params.max_new_tokens: {requested} is above "
+                    f"max_new_tokens_limit ({self.max_new_tokens_limit}); lower it or raise "
+                    "the limit"
+                )
+            try:  # what only the adapter can check: templates, files it reads, …
+                self.adapter(task)
+            except ValueError as err:
+                raise ValueError(f"tasks[{i}]: {err}") from None
+        return self
+
+    def adapter(self, task: TaskSpec) -> TaskAdapter:
+        """The task's adapter, configured for this job."""
+        return ADAPTERS[task.task](
+            task.name,
+            task.params,
+            input_column=self.input_column(task),
+            on_long_input=task.on_long_input,
+        )
 
     def input_column(self, task: TaskSpec) -> str:
         """The column a task reads."""

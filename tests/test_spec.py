@@ -461,3 +461,27 @@ def test_device_error_says_what_is_accepted():
 def test_empty_params_mean_defaults():
     spec = parse_spec({"tasks": [_task(params=None)]})
     assert spec.tasks[0].params == type(spec.tasks[0].params)()
+
+
+def test_adapter_checks_become_spec_errors_with_the_task_path():
+    message = _rejection(
+        {
+            "tasks": [
+                _task(),
+                {
+                    "name": "ents",
+                    "task": "ner",
+                    "on_long_input": "chunk",
+                    "params": {"aggregation_strategy": "none"},
+                },
+            ]
+        }
+    )
+    assert "tasks[1]: on_long_input 'chunk' merges entities" in message
+
+
+def test_chunking_only_where_supported():
+    message = _rejection({"tasks": [_task(on_long_input="chunk")]})
+    assert "tasks[0].on_long_input:" in message and "ner" in message
+    spec = parse_spec({"tasks": [{"name": "e", "task": "ner", "on_long_input": "chunk"}]})
+    assert spec.tasks[0].on_long_input == "chunk"

@@ -129,3 +129,45 @@ def test_reduced_precision_loads_and_labels_every_row(tiny_models, sample_texts,
         assert not any(type(m) is torch.nn.Linear for m in modules)
     else:
         assert next(runner.pipe.model.parameters()).dtype == torch.bfloat16
+
+
+def test_chunked_entities_cover_long_texts_like_the_pipeline_with_stride(tiny_models):
+    path = tiny_models["token-classification"]
+    params = TokenClassificationParams(aggregation_strategy="simple", stride=32)
+    adapter = TokenClassification("ents", params, on_long_input="chunk")
+    long_text = " ".join(
+        f"Maria Keller met Tom Berg in Hamburg, meeting number {i}, at Nordwind Energy."
+        for i in range(60)
+    )
+    texts = [long_text, "Short one about Paris.", long_text[:700]]
+    results, errors, truncated = run_task(_runner(adapter, path), texts, 2048)
+
+    assert errors == [None] * 3 and truncated == 0
+    direct = pipeline("token-classification", model=str(path), aggregation_strategy="simple")
+    for text, (entities,) in zip(texts, results, strict=True):
+        expected = direct(text, stride=32)
+        assert [(e["entity_group"], e["word"], e["start"], e["end"]) for e in entities] == [
+            (e["entity_group"], e["word"], e["start"], e["end"]) for e in expected
+        ]
+        for ours, theirs in zip(entities, expected, strict=True):
+            assert ours["score"] == pytest.approx(float(theirs["score"]), abs=TOLERANCE)
+    # The long text's entities reach its end, far past one window of 512 tokens.
+    assert max(e["end"] for e in results[0][0]) > len(long_text) - 40
+
+
+def test_truncated_entities_stop_at_the_window(tiny_models):
+    path = tiny_models["token-classification"]
+    adapter = TokenClassification("ents", TokenClassificationParams())
+    text = " ".join(["Anna Berg visited Oslo."] * 300)
+    results, _, truncated = run_task(_runner(adapter, path), [text], 4096)
+    assert truncated == 1
+    assert max(e["end"] for e in results[0][0]) < len(text) // 2
+
+
+def test_chunk_needs_an_aggregation():
+    with pytest.raises(ValueError, match="aggregation_strategy"):
+        TokenClassification(
+            "e", TokenClassificationParams(aggregation_strategy="none"), on_long_input="chunk"
+        )
+    with pytest.raises(ValueError, match="not supported"):
+        TextClassification("s", on_long_input="chunk")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Literal
 
 import pyarrow as pa
+from pydantic import Field
 
 from transforms.models import ResolvedModel, load_kwargs, place_model
 from transforms.tasks.base import (
@@ -37,10 +39,13 @@ class TokenClassificationParams(Params):
         aggregation_strategy: how sub-word predictions merge into entities, as in the
             transformers pipeline (`none` keeps one entry per token).
         ignore_labels: labels that are not entities.
+        stride: with `on_long_input: chunk`, tokens shared by consecutive windows, so an
+            entity cut by one window's edge is whole in the next.
     """
 
     aggregation_strategy: Literal["none", "simple", "first", "average", "max"] = "simple"
     ignore_labels: tuple[str, ...] = ("O",)
+    stride: int = Field(64, ge=0)
 
 
 class TokenClassification(TaskAdapter):
@@ -49,6 +54,15 @@ class TokenClassification(TaskAdapter):
     tasks = ("ner", "token-classification")
     params_type = TokenClassificationParams
     default_model = "dslim/bert-base-NER"
+    supports_chunking = True
+
+    def __init__(self, name: str, params: TokenClassificationParams | None = None, **kwargs):
+        super().__init__(name, params, **kwargs)
+        if self.on_long_input == "chunk" and self.params.aggregation_strategy == "none":
+            raise ValueError(
+                "on_long_input 'chunk' merges entities across windows, which needs an "
+                "aggregation_strategy other than 'none'"
+            )
 
     def fields(self) -> list[pa.Field]:
         return [pa.field(self.name, pa.list_(ENTITY_TYPE))]
@@ -66,11 +80,22 @@ class TokenClassification(TaskAdapter):
                 "(tokenizer.json); this model only has a slow one"
             )
         pipe.model = place_model(pipe.model, device, dtype)
-        return _Runner(pipe, device, self.params)
+        return _Runner(pipe, device, self.params, chunk=self.on_long_input == "chunk")
+
+
+# Per-token tokenizer outputs the pipeline's entity aggregation needs.
+_PER_TOKEN = ("offset_mapping", "special_tokens_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Row:
+    text: str
+    windows: list[Encoded]  # one, or several overlapping ones with on_long_input: chunk
+    truncated: bool
 
 
 class _Runner:
-    def __init__(self, pipe, device: str, params: TokenClassificationParams):
+    def __init__(self, pipe, device: str, params: TokenClassificationParams, chunk: bool):
         from transformers.pipelines.token_classification import AggregationStrategy
 
         self.pipe = pipe
@@ -78,38 +103,71 @@ class _Runner:
         self.max_length = model_max_length(pipe.tokenizer, pipe.model.config)
         self.strategy = AggregationStrategy[params.aggregation_strategy.upper()]
         self.ignore_labels = list(params.ignore_labels)
+        self.stride = params.stride if chunk else None
+        if self.stride is not None and self.stride >= self.max_length - 2:
+            raise ValueError(f"stride {self.stride} must be below the window ({self.max_length})")
 
-    def prepare(self, texts: Sequence[str]) -> list[Encoded]:
-        return encode_texts(
-            self.pipe.tokenizer,
-            texts,
-            self.max_length,
-            return_offsets_mapping=True,
-            return_special_tokens_mask=True,
+    def prepare(self, texts: Sequence[str]) -> list[_Row]:
+        kwargs = {"return_offsets_mapping": True, "return_special_tokens_mask": True}
+        if self.stride is None:
+            return [
+                _Row(item.text, [item], item.truncated)
+                for item in encode_texts(self.pipe.tokenizer, texts, self.max_length, **kwargs)
+            ]
+        # Windows as the transformers pipeline makes them with `stride`: overlapping
+        # by `stride` tokens, covering the whole text.
+        batch = self.pipe.tokenizer(
+            list(texts),
+            truncation=True,
+            max_length=self.max_length,
+            stride=self.stride,
+            return_overflowing_tokens=True,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            **kwargs,
         )
+        windows: list[list[Encoded]] = [[] for _ in texts]
+        for i, row in enumerate(batch["overflow_to_sample_mapping"]):
+            windows[row].append(
+                Encoded(
+                    text=texts[row],
+                    input_ids=batch["input_ids"][i],
+                    extra={key: batch[key][i] for key in _PER_TOKEN},
+                )
+            )
+        return [_Row(text, parts, False) for text, parts in zip(texts, windows, strict=True)]
 
-    def cost(self, item: Encoded) -> int:
-        return len(item.input_ids)
+    def cost(self, item: _Row) -> int:
+        return len(item.windows) * max(len(w.input_ids) for w in item.windows)
 
-    def infer(self, items: list[Encoded]) -> list[tuple]:
+    def infer(self, items: list[_Row]) -> list[tuple]:
         import torch
 
+        windows = [window for item in items for window in item.windows]
         with torch.inference_mode():
-            logits = self.pipe.model(**pad_batch(self.pipe.tokenizer, items, self.device)).logits
-        logits = logits.float().cpu()
+            inputs = pad_batch(self.pipe.tokenizer, windows, self.device)
+            logits = self.pipe.model(**inputs).logits.float().cpu()
         results = []
-        for row, item in enumerate(items):
-            length = len(item.input_ids)
-            outputs = {
-                "logits": logits[row : row + 1, :length],
-                "input_ids": torch.tensor([item.input_ids]),
-                "offset_mapping": torch.tensor([item.extra["offset_mapping"]]),
-                "special_tokens_mask": torch.tensor([item.extra["special_tokens_mask"]]),
-                "sentence": item.text,
-                "is_last": True,
-            }
+        position = 0
+        for item in items:
+            outputs = []
+            for window in item.windows:
+                length = len(window.input_ids)
+                outputs.append(
+                    {
+                        "logits": logits[position : position + 1, :length],
+                        "input_ids": torch.tensor([window.input_ids]),
+                        "offset_mapping": torch.tensor([window.extra["offset_mapping"]]),
+                        "special_tokens_mask": torch.tensor([window.extra["special_tokens_mask"]]),
+                        "sentence": item.text,
+                        "is_last": window is item.windows[-1],
+                    }
+                )
+                position += 1
+            # The pipeline's own aggregation, including its merge of entities that
+            # overlapping windows both found.
             entities = self.pipe.postprocess(
-                [outputs], aggregation_strategy=self.strategy, ignore_labels=self.ignore_labels
+                outputs, aggregation_strategy=self.strategy, ignore_labels=self.ignore_labels
             )
             results.append(([_entity(e) for e in entities],))
         return results
