@@ -2,6 +2,7 @@
 
     beam-enrich --input 'data/*.parquet' --output out/run1 --spec job.yaml \\
                 [--output-format parquet|csv] [any Beam option: --runner, --project, …]
+    beam-enrich validate --spec job.yaml --input FILES
     beam-enrich make-test-models DIR
 
 Everything that can be checked before data is read is checked in `prepare_job`: the
@@ -254,7 +255,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="beam-enrich",
         description="Enrich Parquet or CSV files with Hugging Face models on Apache Beam. "
         "Any other --option is passed to Beam (e.g. --runner DataflowRunner --project P).",
-        epilog="Also: beam-enrich make-test-models DIR (tiny offline models for tests).",
+        epilog="Also: beam-enrich validate --spec job.yaml --input FILES (checks only); "
+        "beam-enrich make-test-models DIR (tiny offline models for tests).",
     )
     parser.add_argument(
         "--input",
@@ -284,11 +286,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return make_test_models(argv[1:])
     try:
+        if argv[:1] == ["validate"]:
+            return _validate(argv[1:])
         run(argv)
     except (SpecError, InputError, ModelError) as err:
         print(f"beam-enrich: error: {err}", file=sys.stderr)
         return 2
     _print_summary(_parser().parse_known_args(argv)[0].output)
+    return 0
+
+
+def _validate(argv: Sequence[str]) -> int:
+    """`beam-enrich validate`: every check a run makes before reading data, and no run."""
+    parser = argparse.ArgumentParser(
+        prog="beam-enrich validate",
+        description="Check a job spec against its inputs and models without running it.",
+    )
+    parser.add_argument("--spec", required=True, help="job spec (YAML)")
+    parser.add_argument("--input", action="append", required=True, help="as for a run")
+    args = parser.parse_args(argv)
+    job = prepare_job(load_spec(args.spec), args.input, "validate-only")
+    print(f"beam-enrich: {args.spec} is valid for {len(job.files)} input file(s)")
+    for task in job.context.tasks:
+        print(
+            f"  {task['name']}: {task['task']} reading {', '.join(task['input_columns'])} "
+            f"with {task['model']} @ {task['resolved_revision']} -> {', '.join(task['columns'])}"
+        )
     return 0
 
 

@@ -302,3 +302,17 @@ def test_missing_model_directory_exits_2(tmp_path, capsys):
     )
     assert code == 2
     assert "./no/such/model" in capsys.readouterr().err
+
+
+def test_validate_checks_without_running(tmp_path, tiny_models, capsys):
+    spec = write_spec(tmp_path / "job.yaml", tiny_models)
+    source = str(SAMPLE_DATA / "reviews.csv")
+    assert main(["validate", "--spec", str(spec), "--input", source]) == 0
+    out = capsys.readouterr().out
+    assert "is valid for 1 input file(s)" in out
+    assert "entities: ner reading text with" in out and "sha256:" in out
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(json.dumps({"tasks": [{"name": "s", "task": "ner", "input": "body"}]}))
+    assert main(["validate", "--spec", str(bad), "--input", source]) == 2
+    assert "column 'body'" in capsys.readouterr().err
