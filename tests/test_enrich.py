@@ -11,7 +11,14 @@ from apache_beam.utils import shared
 
 from transforms.batching import plan_batches
 from transforms.chunks import ERRORS_COLUMN, ERRORS_TYPE, Chunk
-from transforms.enrich import EnrichTables, TaskBinding, _EnrichDoFn, add_task_columns, run_task
+from transforms.enrich import (
+    BatchLimit,
+    EnrichTables,
+    TaskBinding,
+    _EnrichDoFn,
+    add_task_columns,
+    run_task,
+)
 from transforms.models import resolve_model
 from transforms.tasks.base import check_text
 from transforms.tasks.text_classification import TextClassification, TextClassificationParams
@@ -196,3 +203,27 @@ def test_unknown_gpu_is_a_clear_error(tiny_models):
     dofn = _EnrichDoFn(binding, shared.Shared())
     with pytest.raises(ValueError, match="no GPU"):
         dofn.setup()
+
+
+class MemoryHungryRunner(UpperRunner):
+    """Runs out of memory on micro-batches of more than three rows."""
+
+    def infer(self, items):
+        if len(items) > 3:
+            self.batches.append(list(items))
+            raise MemoryError("no room for this batch")
+        return super().infer(items)
+
+
+def test_out_of_memory_halves_batches_and_remembers_the_size():
+    runner = MemoryHungryRunner()
+    limit = BatchLimit()
+    texts = [f"row {i}" for i in range(10)]
+    results, errors, _ = run_task(runner, texts, 10_000, limit)
+    assert errors == [None] * 10
+    assert results == [(t.upper(),) for t in texts]
+    assert limit.max_rows == 2  # 10 -> 5 failed, 5 -> 2 and 3 fit; 2 is the size that worked
+
+    runner.batches.clear()
+    run_task(runner, texts, 10_000, limit)
+    assert runner.batches and max(len(b) for b in runner.batches) <= 2

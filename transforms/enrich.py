@@ -16,7 +16,7 @@ from transforms.chunks import ERRORS_COLUMN, ERRORS_TYPE, Chunk, TaskStats
 from transforms.models import ResolvedModel, resolve_device, resolve_dtype
 from transforms.tasks.base import InvalidInput, Runner, TaskAdapter
 
-__all__ = ["EnrichTables", "TaskBinding", "add_task_columns", "run_task"]
+__all__ = ["BatchLimit", "EnrichTables", "TaskBinding", "add_task_columns", "run_task"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -52,8 +52,24 @@ class _LoadedRunner:
     dtype: str
 
 
+@dataclasses.dataclass
+class BatchLimit:
+    """The most rows per micro-batch that fit in memory, learned from out-of-memory errors."""
+
+    max_rows: int | None = None
+
+    def shrink(self, rows: int) -> None:
+        half = max(1, rows // 2)
+        self.max_rows = half if self.max_rows is None else min(self.max_rows, half)
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    # torch.OutOfMemoryError (CUDA and other devices) or the host's MemoryError.
+    return isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
+
+
 def run_task(
-    runner: Runner, inputs: Sequence, max_batch_tokens: int
+    runner: Runner, inputs: Sequence, max_batch_tokens: int, limit: BatchLimit | None = None
 ) -> tuple[list[tuple | None], list[str | None], int]:
     """Runs a task over one chunk's row inputs.
 
@@ -62,6 +78,8 @@ def run_task(
         inputs: per row, the task's input from `TaskAdapter.row_inputs`; an
             `InvalidInput` stands for a row that cannot run.
         max_batch_tokens: the padded size of one micro-batch.
+        limit: rows per micro-batch known to fit in memory; out-of-memory errors
+            lower it, so later chunks start from the size that worked.
 
     Rows with invalid input and rows whose inference raises get an error instead of a
     result; a micro-batch that raises is split in halves until the failing rows are
@@ -83,9 +101,10 @@ def run_task(
             errors[row] = _describe(item)
         elif item is not None:
             prepared.append((row, item))
+    limit = limit if limit is not None else BatchLimit()
     costs = [runner.cost(item) for _, item in prepared]
-    for batch in plan_batches(costs, max_batch_tokens):
-        _infer_isolating(runner, [prepared[b] for b in batch], results, errors)
+    for batch in plan_batches(costs, max_batch_tokens, limit.max_rows):
+        _infer_isolating(runner, [prepared[b] for b in batch], results, errors, limit)
     truncated = sum(1 for _, item in prepared if getattr(item, "truncated", False))
     return results, errors, truncated
 
@@ -105,16 +124,25 @@ def _prepare(runner: Runner, inputs: list, rows: list[int], errors: list) -> lis
         return items
 
 
-def _infer_isolating(runner: Runner, batch: list, results: list, errors: list) -> None:
+def _infer_isolating(
+    runner: Runner, batch: list, results: list, errors: list, limit: BatchLimit
+) -> None:
     try:
         outputs = runner.infer([item for _, item in batch])
     except Exception as err:
         if len(batch) == 1:
             errors[batch[0][0]] = _describe(err)
             return
+        if _is_out_of_memory(err):
+            limit.shrink(len(batch))
+            _LOG.warning(
+                "out of memory on %d rows; micro-batches now hold at most %d",
+                len(batch),
+                limit.max_rows,
+            )
         middle = len(batch) // 2
-        _infer_isolating(runner, batch[:middle], results, errors)
-        _infer_isolating(runner, batch[middle:], results, errors)
+        _infer_isolating(runner, batch[:middle], results, errors, limit)
+        _infer_isolating(runner, batch[middle:], results, errors, limit)
         return
     for (row, _), output in zip(batch, outputs, strict=True):
         results[row] = output
@@ -185,6 +213,7 @@ class _EnrichDoFn(beam.DoFn):
         # this exact task, model and placement.
         tag = repr((self._task.name, self._task.model, self._task.device, self._task.dtype))
         self._loaded = self._shared.acquire(self._load, tag=tag)
+        self._limit = BatchLimit()
 
     def process(self, chunk: Chunk) -> Iterator[Chunk]:
         task = self._task
@@ -192,7 +221,9 @@ class _EnrichDoFn(beam.DoFn):
         columns = {name: chunk.table.column(name).to_pylist() for name in adapter.read_columns()}
         started = time.perf_counter()
         inputs = adapter.row_inputs(columns)
-        results, errors, truncated = run_task(self._loaded.runner, inputs, task.max_batch_tokens)
+        results, errors, truncated = run_task(
+            self._loaded.runner, inputs, task.max_batch_tokens, self._limit
+        )
         seconds = time.perf_counter() - started
         table = add_task_columns(chunk.table, task.name, task.adapter.fields(), results, errors)
         failed = sum(error is not None for error in errors)
