@@ -316,3 +316,16 @@ def test_validate_checks_without_running(tmp_path, tiny_models, capsys):
     bad.write_text(json.dumps({"tasks": [{"name": "s", "task": "ner", "input": "body"}]}))
     assert main(["validate", "--spec", str(bad), "--input", source]) == 2
     assert "column 'body'" in capsys.readouterr().err
+
+
+def test_input_folder_means_the_table_files_in_it(tmp_path):
+    from transforms.io import expand_inputs
+
+    (tmp_path / "a.parquet").write_bytes(b"")
+    (tmp_path / "b.csv").write_bytes(b"")
+    (tmp_path / "notes.txt").write_bytes(b"")
+    (tmp_path / "sub").mkdir()
+    expected = [str(tmp_path / "a.parquet"), str(tmp_path / "b.csv")]
+    assert expand_inputs([str(tmp_path)]) == expected
+    assert expand_inputs([f"{tmp_path}/"]) == expected
+    assert expand_inputs([str(tmp_path / "*.csv")]) == expected[1:]

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -67,12 +68,34 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
         InputError: a pattern matches no file.
     """
     files: list[str] = []
-    for pattern, result in zip(patterns, FileSystems.match(list(patterns)), strict=True):
-        matched = sorted(m.path for m in result.metadata_list if m.size_in_bytes is not None)
+    for pattern in patterns:
+        if pattern.endswith("/") or _is_folder(pattern):
+            # A folder: the table files directly inside it.
+            inside = _match(FileSystems.join(pattern.rstrip("/"), "*"))
+            matched = [path for path in inside if _is_table(path)]
+        else:
+            matched = _match(pattern)
         if not matched:
             raise InputError(f"--input {pattern!r} matches no file")
         files.extend(matched)
     return sorted(dict.fromkeys(files))
+
+
+def _match(pattern: str) -> list[str]:
+    (result,) = FileSystems.match([pattern])
+    return sorted(m.path for m in result.metadata_list if not _is_folder(m.path))
+
+
+def _is_folder(path: str) -> bool:
+    return "://" not in path and os.path.isdir(path)
+
+
+def _is_table(path: str) -> bool:
+    try:
+        table_format(path)
+    except InputError:
+        return False
+    return True
 
 
 def file_sha256(path: str) -> tuple[int, str]:
