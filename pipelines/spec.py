@@ -92,7 +92,10 @@ def _task_variant(task_names: tuple[str, ...], params_type: type) -> type[TaskSp
         f"TaskSpec_{params_type.__name__}",
         __base__=TaskSpec,
         task=(Literal[task_names], ...),
-        params=(params_type, Field(default_factory=params_type)),
+        # A family with required parameters (zero-shot's candidate_labels) needs `params`.
+        params=(params_type, ...)
+        if any(field.is_required() for field in params_type.model_fields.values())
+        else (params_type, Field(default_factory=params_type)),
     )
 
 
