@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import sys
+import traceback
 import uuid
 from collections.abc import Sequence
 
@@ -292,6 +293,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SpecError, InputError, ModelError) as err:
         print(f"beam-enrich: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        # The traceback is for debugging; the last line says what it means for the output.
+        traceback.print_exc()
+        output = _parser().parse_known_args(argv)[0].output
+        print(
+            f"beam-enrich: error: the run failed ({type(err).__name__}: "
+            f"{str(err).strip().splitlines()[-1][:300] if str(err).strip() else ''}); "
+            f"no manifest was written to {output}",
+            file=sys.stderr,
+        )
+        return 1
     _print_summary(_parser().parse_known_args(argv)[0].output)
     return 0
 

@@ -329,3 +329,18 @@ def test_input_folder_means_the_table_files_in_it(tmp_path):
     assert expand_inputs([str(tmp_path)]) == expected
     assert expand_inputs([f"{tmp_path}/"]) == expected
     assert expand_inputs([str(tmp_path / "*.csv")]) == expected[1:]
+
+
+def test_failed_run_exits_1_and_says_so(tmp_path, tiny_models, capsys):
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_models["feature-extraction"], broken)
+    (broken / "model.safetensors").write_bytes(b"not weights")
+    spec = tmp_path / "job.yaml"
+    spec.write_text(
+        json.dumps({"tasks": [{"name": "e", "task": "feature-extraction", "model": str(broken)}]})
+    )
+    output = tmp_path / "out"
+    args = ["--input", str(SAMPLE_DATA / "reviews.csv"), "--output", str(output)]
+    assert main([*args, "--spec", str(spec)]) == 1
+    assert f"no manifest was written to {output}" in capsys.readouterr().err
+    assert not (output / "manifest.json").exists()
