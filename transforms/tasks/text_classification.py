@@ -1,11 +1,12 @@
-"""sentiment-analysis / text-classification: one label and its score per row."""
+"""sentiment-analysis / text-classification: the best label (or the top k) and scores per row."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 import pyarrow as pa
+from pydantic import Field, StrictInt
 
 from transforms.models import ResolvedModel, load_kwargs, place_model
 from transforms.tasks.base import (
@@ -27,9 +28,13 @@ class TextClassificationParams(Params):
         function_to_apply: how logits become scores; `default` follows the model's
             config, as the transformers pipeline does (sigmoid for one label or a
             multi-label model, softmax otherwise).
+        top_k: how many labels to keep per row, best first; null keeps every label.
+            With 1 the columns are `N_label` / `N_score`; otherwise `N_labels` /
+            `N_scores` lists (for multi-label models such as toxicity classifiers).
     """
 
     function_to_apply: Literal["default", "softmax", "sigmoid", "none"] = "default"
+    top_k: Annotated[StrictInt, Field(ge=1)] | None = 1
 
 
 class TextClassification(TaskAdapter):
@@ -40,9 +45,14 @@ class TextClassification(TaskAdapter):
     default_model = "distilbert/distilbert-base-uncased-finetuned-sst-2-english"
 
     def fields(self) -> list[pa.Field]:
+        if self.params.top_k == 1:
+            return [
+                pa.field(f"{self.name}_label", pa.string()),
+                pa.field(f"{self.name}_score", pa.float32()),
+            ]
         return [
-            pa.field(f"{self.name}_label", pa.string()),
-            pa.field(f"{self.name}_score", pa.float32()),
+            pa.field(f"{self.name}_labels", pa.list_(pa.string())),
+            pa.field(f"{self.name}_scores", pa.list_(pa.float32())),
         ]
 
     def load(self, model: ResolvedModel, device: str, dtype: str) -> _Runner:
@@ -71,6 +81,7 @@ class _Runner:
             if function == "default"
             else {"function_to_apply": ClassificationFunction[function.upper()]}
         )
+        self.top_k = params.top_k
 
     def prepare(self, texts: Sequence[str]) -> list[Encoded]:
         return encode_texts(self.pipe.tokenizer, texts, self.max_length)
@@ -86,8 +97,15 @@ class _Runner:
         logits = logits.float().cpu()
         results = []
         for row in range(len(items)):
-            best = self.pipe.postprocess(
-                {"logits": logits[row : row + 1]}, top_k=1, **self.postprocess_params
-            )
-            results.append((best["label"], best["score"]))
+            outputs = {"logits": logits[row : row + 1]}
+            if self.top_k == 1:
+                best = self.pipe.postprocess(outputs, top_k=1, **self.postprocess_params)
+                results.append((best["label"], best["score"]))
+            else:
+                # `_legacy=False` is what the pipeline passes when a caller gives top_k:
+                # every label scored, sorted best first, cut to top_k (None keeps all).
+                ranked = self.pipe.postprocess(
+                    outputs, top_k=self.top_k, _legacy=False, **self.postprocess_params
+                )
+                results.append(([r["label"] for r in ranked], [r["score"] for r in ranked]))
         return results

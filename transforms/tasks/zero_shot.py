@@ -1,0 +1,190 @@
+"""zero-shot-classification: candidate labels ranked by an NLI model, per row.
+
+Each row becomes one premise/hypothesis pair per candidate label, as in the
+transformers pipeline; a row is one item whose pairs all run in the same forward
+pass, and several rows share it, so a micro-batch holds `rows x labels` pairs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyarrow as pa
+from pydantic import Field, StrictBool, field_validator
+
+from transforms.models import ResolvedModel, load_kwargs, place_model
+from transforms.tasks.base import Encoded, Params, TaskAdapter, model_max_length
+
+__all__ = ["ZeroShotClassification", "ZeroShotClassificationParams"]
+
+DEFAULT_TEMPLATE = "This example is {}."
+
+
+class ZeroShotClassificationParams(Params):
+    """Parameters of zero-shot classification.
+
+    Attributes:
+        candidate_labels: the labels to rank (required): a non-empty list of unique,
+            non-empty strings.
+        multi_label: false: scores are a softmax of the entailment logits over the
+            labels and sum to 1; true: each label is scored on its own (entailment
+            against contradiction), as the transformers pipeline does.
+        hypothesis_template: the hypothesis each label is put into; must contain `{}`.
+    """
+
+    candidate_labels: tuple[str, ...] = Field(min_length=1)
+    multi_label: StrictBool = False
+    hypothesis_template: str = DEFAULT_TEMPLATE
+
+    @field_validator("candidate_labels")
+    @classmethod
+    def _labels_are_unique(cls, labels: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not label.strip() for label in labels):
+            raise ValueError("candidate labels must be non-empty strings")
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise ValueError(f"candidate labels must be unique; repeated: {', '.join(repeated)}")
+        return labels
+
+    @field_validator("hypothesis_template")
+    @classmethod
+    def _template_has_slot(cls, template: str) -> str:
+        if "{}" not in template:
+            raise ValueError(
+                f"hypothesis_template {template!r} must contain {{}} where the label goes, "
+                f"e.g. {DEFAULT_TEMPLATE!r}"
+            )
+        return template
+
+
+class ZeroShotClassification(TaskAdapter):
+    """Adapter for `zero-shot-classification`."""
+
+    tasks = ("zero-shot-classification",)
+    params_type = ZeroShotClassificationParams
+    default_model = "facebook/bart-large-mnli"
+
+    def __init__(self, name: str, params: ZeroShotClassificationParams | None = None, **kwargs):
+        if params is None:
+            raise ValueError(
+                f"task {name!r}: zero-shot-classification needs params.candidate_labels"
+            )
+        super().__init__(name, params, **kwargs)
+
+    def fields(self) -> list[pa.Field]:
+        return [
+            pa.field(f"{self.name}_labels", pa.list_(pa.string())),
+            pa.field(f"{self.name}_scores", pa.list_(pa.float32())),
+        ]
+
+    def load(self, model: ResolvedModel, device: str, dtype: str) -> _Runner:
+        from transformers import pipeline
+
+        # Kept for its entailment-label lookup and its scoring (postprocess), so labels
+        # and scores match a direct pipeline call; tokenizing and batching are ours.
+        pipe = pipeline(
+            "zero-shot-classification",
+            model=model.model,
+            device="cpu",
+            **load_kwargs(model, dtype),
+        )
+        if pipe.entailment_id == -1:
+            labels = ", ".join(pipe.model.config.label2id)
+            raise ValueError(
+                f"task {self.name!r}: the model's label2id has no label starting with "
+                f"'entail' ({labels}); zero-shot classification needs an NLI model"
+            )
+        pipe.model = place_model(pipe.model, device, dtype)
+        return _Runner(pipe, device, self.params)
+
+
+class _Runner:
+    def __init__(self, pipe, device: str, params: ZeroShotClassificationParams):
+        self.pipe = pipe
+        self.device = device
+        self.params = params
+        self.labels = list(params.candidate_labels)
+        self.hypotheses = [params.hypothesis_template.format(label) for label in self.labels]
+        self.max_length = model_max_length(pipe.tokenizer, pipe.model.config)
+        self.use_token_types = "token_type_ids" in pipe.tokenizer.model_input_names
+
+    def prepare(self, texts: Sequence[str]) -> list[Encoded]:
+        pairs = [(text, hypothesis) for text in texts for hypothesis in self.hypotheses]
+        # One tokenizer call for the whole chunk; only the premise is cut, as in the
+        # pipeline, so every label's hypothesis stays whole.
+        batch = self.pipe.tokenizer(
+            [premise for premise, _ in pairs],
+            [hypothesis for _, hypothesis in pairs],
+            truncation="only_first",
+            max_length=self.max_length,
+            return_attention_mask=False,
+            return_token_type_ids=self.use_token_types,
+        )
+        n = len(self.labels)
+        items = []
+        for row, text in enumerate(texts):
+            ids = batch["input_ids"][row * n : (row + 1) * n]
+            extra = (
+                {"token_type_ids": batch["token_type_ids"][row * n : (row + 1) * n]}
+                if self.use_token_types
+                else {}
+            )
+            items.append(
+                Encoded(
+                    text=text,
+                    input_ids=ids,  # one id list per label
+                    extra=extra,
+                    truncated=any(len(pair) >= self.max_length for pair in ids),
+                )
+            )
+        return items
+
+    def cost(self, item: Encoded) -> int:
+        # The row's pairs are padded with the batch's longest pair, so the row costs
+        # labels x its longest pair.
+        return len(item.input_ids) * max(len(pair) for pair in item.input_ids)
+
+    def infer(self, items: list[Encoded]) -> list[tuple]:
+        import torch
+
+        n = len(self.labels)
+        pairs = [pair for item in items for pair in item.input_ids]
+        types = [t for item in items for t in item.extra.get("token_type_ids", ())]
+        with torch.inference_mode():
+            logits = self.pipe.model(**self._pad(pairs, types)).logits
+        logits = logits.float().cpu()
+        results = []
+        for row, item in enumerate(items):
+            outputs = [
+                {
+                    "candidate_label": label,
+                    "sequence": item.text,
+                    "logits": logits[row * n + i : row * n + i + 1],
+                }
+                for i, label in enumerate(self.labels)
+            ]
+            ranked = self.pipe.postprocess(outputs, multi_label=self.params.multi_label)
+            results.append((ranked["labels"], ranked["scores"]))
+        return results
+
+    def _pad(self, pairs: list[list[int]], types: list[list[int]]) -> dict:
+        import torch
+
+        tokenizer = self.pipe.tokenizer
+        width = max(len(ids) for ids in pairs)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(pairs), width), dtype=torch.long)
+        token_types = torch.zeros((len(pairs), width), dtype=torch.long)
+        right = tokenizer.padding_side != "left"
+        for row, pair in enumerate(pairs):
+            span = slice(0, len(pair)) if right else slice(width - len(pair), width)
+            ids[row, span] = torch.tensor(pair, dtype=torch.long)
+            mask[row, span] = 1
+            if types:
+                token_types[row, span] = torch.tensor(types[row], dtype=torch.long)
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        if types:
+            # Premise and hypothesis segments: BERT-style NLI models read them.
+            inputs["token_type_ids"] = token_types
+        return {key: value.to(self.device) for key, value in inputs.items()}
