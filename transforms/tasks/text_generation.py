@@ -1,0 +1,449 @@
+"""text-generation: a decoder-only model continues each row's prompt.
+
+Prompts are tokenized once per chunk and generated in length-sorted, left-padded
+micro-batches, one `generate` call per micro-batch. A prompt template can fill the
+prompt from several columns; a blocklist can flag (and blank) outputs that match it.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+from pydantic import Field, field_validator, model_validator
+
+from transforms.models import ResolvedModel, load_kwargs, place_model
+from transforms.tasks.base import (
+    Encoded,
+    InvalidInput,
+    Params,
+    TaskAdapter,
+    check_text,
+    model_max_length,
+    pad_batch,
+)
+
+__all__ = ["TextGeneration", "TextGenerationParams", "parse_template", "read_blocklist"]
+
+_SAMPLING_KNOBS = ("temperature", "top_p", "top_k")
+
+
+class TextGenerationParams(Params):
+    """Parameters of text generation.
+
+    Attributes:
+        max_new_tokens: the most tokens generated per row.
+        do_sample: sample the next token instead of taking the most likely one.
+        temperature: sampling temperature (`do_sample` only); null: the model's default.
+        top_p: nucleus sampling mass (`do_sample` only); null: the model's default.
+        top_k: sample among the k most likely tokens, 0 for all (`do_sample` only);
+            null: the model's default.
+        num_beams: beam search width; null: the model's default (usually 1).
+        repetition_penalty: > 1 discourages repeats; null: the model's default.
+        stop: the output is cut before the first occurrence of any of these strings,
+            and a row's generation ends once one appears.
+        seed: with `do_sample`, the same prompt gives the same output on every run,
+            whatever rows share its micro-batch (seeded rows are generated one at a
+            time); greedy decoding and beam search need none.
+        return_full_text: prepend the prompt to the output (the old pipeline's default);
+            false: the continuation only.
+        prompt: a template such as "Review: {text}\\nSummary:" filled per row with the
+            named columns' values (`{{` and `}}` are literal braces); null: the input
+            column's text is the prompt.
+        blocklist: a UTF-8 file of words or `/regexes/`, one per line (`#` comments and
+            blank lines are skipped), matched case-insensitively against the generated
+            text; adds the column `<name>_flagged`.
+        drop_flagged: blank (null) outputs the blocklist flags.
+    """
+
+    max_new_tokens: int = Field(50, ge=1)
+    do_sample: bool = False
+    temperature: float | None = Field(None, gt=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    num_beams: int | None = Field(None, ge=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    stop: tuple[str, ...] = ()
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    return_full_text: bool = False
+    prompt: str | None = None
+    blocklist: str | None = None
+    drop_flagged: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings_are_not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not s for s in value):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_is_a_template(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_template(value)
+        return value
+
+    @model_validator(mode="after")
+    def _options_fit_together(self) -> TextGenerationParams:
+        if not self.do_sample:
+            knobs = [k for k in _SAMPLING_KNOBS if getattr(self, k) is not None]
+            if knobs:
+                raise ValueError(
+                    f"{', '.join(knobs)} only apply when sampling; set do_sample: true "
+                    "or remove them"
+                )
+        if self.do_sample and self.seed is not None and (self.num_beams or 1) > 1:
+            raise ValueError(
+                "seed with do_sample and num_beams > 1 (beam sampling) is not supported; "
+                "use num_beams: 1 or drop the seed"
+            )
+        if self.drop_flagged and self.blocklist is None:
+            raise ValueError("drop_flagged needs a blocklist; set blocklist: <file>")
+        return self
+
+
+def parse_template(template: str) -> list[tuple[str, str | None]]:
+    """Splits a prompt template into (literal text, column name or None) pieces.
+
+    Placeholders name columns: `{text}`; `{{` and `}}` are literal braces. Format
+    specs, conversions, attribute and index access and positional fields are refused,
+    so a template can only ever paste cell values in.
+
+    Raises:
+        ValueError: the template is empty, has unbalanced braces, or a placeholder that
+            is not a plain column name.
+    """
+    if not template:
+        raise ValueError("prompt template is empty; leave `prompt` unset to use the text")
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise ValueError(
+            f"prompt template {template!r}: {err}; write {{{{ and }}}} for literal braces"
+        ) from None
+    pieces = []
+    for literal, field, spec, conversion in parsed:
+        if field is None:
+            pieces.append((literal, None))
+            continue
+        shown = (
+            "{"
+            + field
+            + ("!" + conversion if conversion else "")
+            + (":" + spec if spec else "")
+            + "}"
+        )
+        if not field or field.isdigit():
+            raise ValueError(
+                f"prompt template: positional placeholder {shown} is not allowed; "
+                "name a column, e.g. {text}"
+            )
+        if conversion is not None or spec:
+            raise ValueError(
+                f"prompt template: placeholder {shown} has a conversion or format spec; "
+                "only plain column names like {text} are allowed"
+            )
+        if any(c in field for c in ".[]"):
+            raise ValueError(
+                f"prompt template: placeholder {shown} uses attribute or index access; "
+                "only plain column names like {text} are allowed"
+            )
+        pieces.append((literal, field))
+    return pieces
+
+
+def read_blocklist(path: str) -> tuple[str, ...]:
+    """The regular expressions of a blocklist file, one per entry.
+
+    A line is a word or phrase, matched case-insensitively on word boundaries, or a
+    regex wrapped in slashes (`/colou?r/`), also case-insensitive. Blank lines and
+    lines starting with `#` are skipped.
+
+    Raises:
+        ValueError: the file cannot be read or holds an invalid regex.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except OSError as err:
+        raise ValueError(f"cannot read blocklist {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"blocklist {path} is not UTF-8 text: {err.reason}") from None
+    patterns = []
+    for number, line in enumerate(lines, start=1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        if len(entry) > 2 and entry.startswith("/") and entry.endswith("/"):
+            pattern = entry[1:-1]
+        else:
+            # \b fails next to a non-word character (a word like "c++"), lookarounds do not.
+            pattern = rf"(?<!\w){re.escape(entry)}(?!\w)"
+        try:
+            re.compile(pattern, re.IGNORECASE)
+        except re.error as err:
+            raise ValueError(
+                f"blocklist {path} line {number}: bad regex {entry!r}: {err}"
+            ) from None
+        patterns.append(pattern)
+    return tuple(patterns)
+
+
+class TextGeneration(TaskAdapter):
+    """Adapter for `text-generation` with decoder-only (causal LM) models."""
+
+    tasks = ("text-generation",)
+    params_type = TextGenerationParams
+    default_model = "openai-community/gpt2"
+
+    def __init__(self, name: str, params: Params | None = None, **kwargs: Any):
+        super().__init__(name, params, **kwargs)
+        params = self.params
+        # Parsed and read here, where the pipeline is built: a bad template or a missing
+        # blocklist fails before any data is read, and workers need no file.
+        self.template = parse_template(params.prompt) if params.prompt is not None else None
+        self.blocklist = read_blocklist(params.blocklist) if params.blocklist is not None else None
+
+    def fields(self) -> list[pa.Field]:
+        fields = [pa.field(self.name, pa.string())]
+        if self.blocklist is not None:
+            fields.append(pa.field(f"{self.name}_flagged", pa.bool_()))
+        return fields
+
+    def read_columns(self) -> list[str]:
+        columns = [self.input_column]
+        for _, field in self.template or ():
+            if field is not None and field not in columns:
+                columns.append(field)
+        return columns
+
+    def row_inputs(self, columns: dict[str, list]) -> list[str | InvalidInput]:
+        texts = [check_text(value) for value in columns[self.input_column]]
+        if self.template is None:
+            return texts
+        prompts: list[str | InvalidInput] = []
+        for row, text in enumerate(texts):
+            prompts.append(text if isinstance(text, InvalidInput) else self._render(columns, row))
+        return prompts
+
+    def _render(self, columns: dict[str, list], row: int) -> str | InvalidInput:
+        # Values are pasted, never formatted: braces inside a cell stay literal.
+        parts = []
+        for literal, field in self.template:
+            parts.append(literal)
+            if field is not None:
+                value = columns[field][row]
+                if value is None:
+                    return InvalidInput(f"prompt column {field!r} is null")
+                parts.append(value if isinstance(value, str) else str(value))
+        return "".join(parts)
+
+    def load(self, model: ResolvedModel, device: str, dtype: str) -> _Runner:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        kwargs = load_kwargs(model, dtype)
+        tokenizer = AutoTokenizer.from_pretrained(
+            model.model, revision=kwargs.get("revision"), trust_remote_code=model.trust_remote_code
+        )
+        network = AutoModelForCausalLM.from_pretrained(model.model, **kwargs)
+        network = place_model(network, device, dtype)
+        return _Runner(tokenizer, network, device, self.params, self.blocklist)
+
+
+class _Runner:
+    def __init__(
+        self,
+        tokenizer,
+        model,
+        device: str,
+        params: TextGenerationParams,
+        blocklist: tuple[str, ...] | None,
+    ):
+        from transformers import StoppingCriteriaList, StopStringCriteria
+
+        # Decoder-only models continue the last token: pad on the left so every row's
+        # prompt ends at the same position; generate derives position ids from the mask.
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token_id is None:
+            if tokenizer.eos_token is None:
+                raise ValueError("the tokenizer has neither a pad nor an end-of-sequence token")
+            tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer = tokenizer
+        self.model = model
+        self.device = device
+        self.params = params
+        self.context = model_max_length(tokenizer, model.config)
+        self.max_prompt = self.context - params.max_new_tokens
+        eos = model.generation_config.eos_token_id
+        eos = tokenizer.eos_token_id if eos is None else eos
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.beams = params.num_beams or model.generation_config.num_beams or 1
+        self.seeded = params.do_sample and params.seed is not None
+        if self.seeded and self.beams > 1:
+            raise ValueError(
+                f"the model's default num_beams is {self.beams}; a seed needs num_beams: 1"
+            )
+        self.generate_kwargs: dict[str, Any] = {
+            "max_new_tokens": params.max_new_tokens,
+            "do_sample": params.do_sample,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+        for name in ("temperature", "top_p", "top_k", "num_beams", "repetition_penalty"):
+            if getattr(params, name) is not None:
+                self.generate_kwargs[name] = getattr(params, name)
+        self.warpers: list = []
+        if self.seeded:
+            # generate adds its sampling warpers after any custom logits processor, so a
+            # seeded row runs as greedy search over scores warped (as transformers would)
+            # and then sampled here, with the row's own random generator.
+            self.generate_kwargs["do_sample"] = False
+            for name in _SAMPLING_KNOBS:
+                self.generate_kwargs.pop(name, None)
+            self.warpers = _sampling_warpers(params, model.generation_config)
+        if params.stop:
+            self.generate_kwargs["stopping_criteria"] = StoppingCriteriaList(
+                [StopStringCriteria(tokenizer, list(params.stop))]
+            )
+        self.blocklist = (
+            None if blocklist is None else [re.compile(p, re.IGNORECASE) for p in blocklist]
+        )
+
+    def prepare(self, prompts: Sequence[str]) -> list[Encoded | InvalidInput]:
+        if not prompts:
+            return []  # the tokenizer rejects an empty batch
+        # No truncation: a cut prompt would silently change what the model continues.
+        batch = self.tokenizer(
+            list(prompts), return_attention_mask=False, return_token_type_ids=False
+        )
+        items: list[Encoded | InvalidInput] = []
+        for prompt, ids in zip(prompts, batch["input_ids"], strict=True):
+            if not ids:
+                items.append(InvalidInput("prompt has no tokens"))
+            elif len(ids) > self.max_prompt:
+                items.append(
+                    InvalidInput(
+                        f"prompt is {len(ids)} tokens; the model's context of {self.context} "
+                        f"positions leaves {max(self.max_prompt, 0)} for the prompt after "
+                        f"max_new_tokens {self.params.max_new_tokens}; shorten the input or "
+                        "lower max_new_tokens"
+                    )
+                )
+            else:
+                items.append(Encoded(text=prompt, input_ids=ids))
+        return items
+
+    def cost(self, item: Encoded) -> int:
+        # The cache grows to prompt + new tokens for every beam.
+        return (len(item.input_ids) + self.params.max_new_tokens) * self.beams
+
+    def infer(self, items: list[Encoded]) -> list[tuple]:
+        return [
+            self._postprocess(item, ids)
+            for item, ids in zip(items, self.generate(items), strict=True)
+        ]
+
+    def generate(self, items: list[Encoded]) -> list[list[int]]:
+        """The generated token ids of each item, up to (not including) end of sequence."""
+        if self.seeded:
+            # One row per call: no padding, so a row's logits, and hence its draws, are
+            # bit-for-bit the same whatever rows share its micro-batch.
+            return [self._generate([item], _SeededSampler(self.params.seed))[0] for item in items]
+        return self._generate(items)
+
+    def _generate(self, items: list[Encoded], sampler: _SeededSampler | None = None):
+        import torch
+        from transformers import LogitsProcessorList
+
+        inputs = pad_batch(self.tokenizer, items, self.device)
+        kwargs = dict(self.generate_kwargs)
+        if sampler is not None:
+            kwargs["logits_processor"] = LogitsProcessorList([*self.warpers, sampler])
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, **kwargs)
+        width = inputs["input_ids"].shape[1]
+        results = []
+        for sequence in output[:, width:].tolist():
+            end = next((i for i, t in enumerate(sequence) if t in self.eos_ids), len(sequence))
+            results.append(sequence[:end])
+        return results
+
+    def _postprocess(self, item: Encoded, ids: list[int]) -> tuple:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        cuts = [i for i in (text.find(s) for s in self.params.stop) if i >= 0]
+        if cuts:
+            text = text[: min(cuts)]
+        output: str | None = item.text + text if self.params.return_full_text else text
+        if self.blocklist is None:
+            return (output,)
+        # Only what the model wrote is checked, not the prompt the user supplied.
+        flagged = any(pattern.search(text) for pattern in self.blocklist)
+        if flagged and self.params.drop_flagged:
+            output = None
+        return (output, flagged)
+
+
+def _sampling_warpers(params: TextGenerationParams, config) -> list:
+    """The warpers generate applies when sampling, in its order, with the same defaults:
+    the spec's value, else the model's generation config, else transformers' default."""
+    from transformers import (
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+        TypicalLogitsWarper,
+    )
+
+    def value(name: str, default):
+        chosen = getattr(params, name, None)
+        if chosen is None:
+            chosen = getattr(config, name, None)
+        return default if chosen is None else chosen
+
+    warpers: list = []
+    temperature = value("temperature", 1.0)
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    top_k = value("top_k", 50)
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k=top_k))
+    top_p = value("top_p", 1.0)
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=top_p))
+    min_p = value("min_p", None)
+    if min_p is not None:
+        warpers.append(MinPLogitsWarper(min_p=min_p))
+    typical_p = value("typical_p", 1.0)
+    if typical_p < 1.0:
+        warpers.append(TypicalLogitsWarper(mass=typical_p))
+    return warpers
+
+
+class _SeededSampler:
+    """Draws each next token from the warped scores with its own random generator.
+
+    The Gumbel-max trick: argmax(scores + Gumbel noise) is an exact sample from
+    softmax(scores). The drawn token is left the only one with any probability, so the
+    greedy step that follows picks it. No global random state is read or changed, so
+    other threads sampling at the same time cannot shift this row's draws.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.generator = None
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        if self.generator is None:
+            self.generator = torch.Generator(device=scores.device).manual_seed(self.seed)
+        uniform = torch.rand(
+            scores.shape, generator=self.generator, device=scores.device, dtype=torch.float32
+        )
+        gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(torch.float32).tiny)))
+        choice = (scores.float() + gumbel).argmax(dim=-1, keepdim=True)
+        only = torch.full_like(scores, float("-inf"))
+        return only.scatter_(-1, choice, 0.0)
