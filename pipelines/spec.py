@@ -92,10 +92,9 @@ def _task_variant(task_names: tuple[str, ...], params_type: type) -> type[TaskSp
         f"TaskSpec_{params_type.__name__}",
         __base__=TaskSpec,
         task=(Literal[task_names], ...),
-        # A family with required parameters (zero-shot's candidate_labels) needs `params`.
-        params=(params_type, ...)
-        if any(field.is_required() for field in params_type.model_fields.values())
-        else (params_type, Field(default_factory=params_type)),
+        # A missing `params` is validated as {} (see _empty_params), so a family with
+        # required parameters names them: tasks[0].params.candidate_labels.
+        params=(params_type, Field(None, validate_default=True)),
     )
 
 

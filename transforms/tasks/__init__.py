@@ -4,15 +4,30 @@ from __future__ import annotations
 
 from transforms.tasks.base import Params, Runner, TaskAdapter
 from transforms.tasks.feature_extraction import FeatureExtraction
+from transforms.tasks.fill_mask import FillMask
+from transforms.tasks.question_answering import QuestionAnswering
+from transforms.tasks.seq2seq import Summarization, Translation
 from transforms.tasks.text_classification import TextClassification
+from transforms.tasks.text_generation import TextGeneration
 from transforms.tasks.token_classification import TokenClassification
+from transforms.tasks.zero_shot import ZeroShotClassification
 
 __all__ = ["ADAPTERS", "Params", "Runner", "TaskAdapter", "adapter_for"]
 
 #: Every task name a spec may use, mapped to the adapter class that runs it.
 ADAPTERS: dict[str, type[TaskAdapter]] = {
     task: adapter
-    for adapter in (TextClassification, TokenClassification, FeatureExtraction)
+    for adapter in (
+        TextClassification,
+        TokenClassification,
+        FeatureExtraction,
+        ZeroShotClassification,
+        FillMask,
+        TextGeneration,
+        QuestionAnswering,
+        Summarization,
+        Translation,
+    )
     for task in adapter.tasks
 }
 
