@@ -485,3 +485,11 @@ def test_chunking_only_where_supported():
     assert "tasks[0].on_long_input:" in message and "ner" in message
     spec = parse_spec({"tasks": [{"name": "e", "task": "ner", "on_long_input": "chunk"}]})
     assert spec.tasks[0].on_long_input == "chunk"
+
+
+def test_generation_is_capped_by_the_spec_limit():
+    task = {"name": "g", "task": "text-generation", "params": {"max_new_tokens": 2000}}
+    message = _rejection({"tasks": [task]})
+    assert "tasks[0].params.max_new_tokens: 2000 is above max_new_tokens_limit (1024)" in message
+    spec = parse_spec({"max_new_tokens_limit": 4096, "tasks": [task]})
+    assert spec.tasks[0].params.max_new_tokens == 2000

@@ -316,8 +316,9 @@ class _Runner:
         if not prompts:
             return []  # the tokenizer rejects an empty batch
         # No truncation: a cut prompt would silently change what the model continues.
+        # verbose=False: a too-long prompt is reported per row below, not as a warning.
         batch = self.tokenizer(
-            list(prompts), return_attention_mask=False, return_token_type_ids=False
+            list(prompts), return_attention_mask=False, return_token_type_ids=False, verbose=False
         )
         items: list[Encoded | InvalidInput] = []
         for prompt, ids in zip(prompts, batch["input_ids"], strict=True):
