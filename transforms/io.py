@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import signal
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -22,8 +23,6 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.transforms.window import GlobalWindow
-from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.chunks import ERRORS_COLUMN, Chunk
 
@@ -36,7 +35,11 @@ __all__ = [
     "expand_inputs",
     "file_sha256",
     "iter_tables",
+    "kill_point",
+    "neutralize_chunk_formulas",
+    "neutralize_formulas",
     "read_schema",
+    "staged_parts",
     "table_format",
     "write_table",
 ]
@@ -132,11 +135,22 @@ def _open(path: str):
         yield pa.CompressedInputStream(handle, codec) if codec else handle
 
 
+def _unreadable(path: str, err: BaseException, rows_before: int | None = None) -> str:
+    # One line: pyarrow's reason (for a CSV parse error it quotes the bad row), where.
+    reason = " ".join(str(err).split())[:300]
+    where = "" if rows_before is None else f" after its first {rows_before} data row(s)"
+    return f"cannot read {path}{where}: {reason}; fix the file or leave it out of --input"
+
+
 def read_schema(path: str) -> pa.Schema:
     """The schema of one input file, read from the Parquet footer or the CSV header.
 
+    A CSV file's first block (about 1 MB) is parsed too, so a ragged row or invalid
+    UTF-8 near the top fails here, before the run, for the cost of one block.
+
     Raises:
-        InputError: the file has no header, or repeats a column name.
+        InputError: the file is empty or unreadable, has no header, or repeats a
+            column name.
     """
     fmt = table_format(path)
     try:
@@ -146,8 +160,11 @@ def read_schema(path: str) -> pa.Schema:
             else:
                 names = _csv_reader(handle).schema.names
                 schema = pa.schema([pa.field(name, pa.string()) for name in names])
+        if fmt == "csv" and len(set(schema.names)) == len(schema.names):
+            with _open(path) as handle, contextlib.suppress(StopIteration):
+                _csv_reader(handle, schema.names).read_next_batch()
     except (pa.ArrowInvalid, OSError) as err:
-        raise InputError(f"cannot read {path}: {err}") from err
+        raise InputError(_unreadable(path, err)) from err
     duplicates = sorted(name for name, n in Counter(schema.names).items() if n > 1)
     if duplicates:
         raise InputError(f"{path} repeats column name(s) {duplicates}; names must be unique")
@@ -155,17 +172,33 @@ def read_schema(path: str) -> pa.Schema:
 
 
 def iter_tables(path: str, rows_per_chunk: int) -> Iterator[pa.Table]:
-    """Streams a file as tables of `rows_per_chunk` rows (the last may be shorter)."""
-    with _open(path) as handle:
-        if table_format(path) == "parquet":
-            batches: Iterable[pa.RecordBatch] = pq.ParquetFile(handle).iter_batches(
-                batch_size=rows_per_chunk
-            )
-            schema = None
-        else:
-            schema = read_schema(path)
-            batches = _csv_reader(handle, schema.names)
-        yield from _rebatch(batches, rows_per_chunk)
+    """Streams a file as tables of `rows_per_chunk` rows (the last may be shorter).
+
+    Raises:
+        InputError: part of the file cannot be parsed (a ragged CSV row, invalid
+            UTF-8, a corrupt Parquet page); the message names the file and how many
+            rows were read before the problem (pyarrow's streaming readers do not
+            know line numbers; for a CSV parse error it quotes the bad row).
+    """
+    rows = 0
+
+    def counted(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        nonlocal rows
+        for batch in batches:
+            yield batch
+            rows += batch.num_rows
+
+    try:
+        with _open(path) as handle:
+            if table_format(path) == "parquet":
+                batches: Iterable[pa.RecordBatch] = pq.ParquetFile(handle).iter_batches(
+                    batch_size=rows_per_chunk
+                )
+            else:
+                batches = _csv_reader(handle, read_schema(path).names)
+            yield from _rebatch(counted(batches), rows_per_chunk)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise InputError(_unreadable(path, err, rows)) from err
 
 
 def _rebatch(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:
@@ -204,21 +237,68 @@ class ReadTables(beam.PTransform):
     Args:
         files: the input files (see `expand_inputs`); their order fixes `file_index`.
         rows_per_chunk: rows per element.
+        skip: indices of files not to read (their results are reused from a resumed run).
     """
 
-    def __init__(self, files: Sequence[str], *, rows_per_chunk: int = 512):
+    def __init__(
+        self, files: Sequence[str], *, rows_per_chunk: int = 512, skip: Iterable[int] = ()
+    ):
         super().__init__()
         self._files = list(files)
         self._rows_per_chunk = rows_per_chunk
+        self._skip = frozenset(skip)
 
     def expand(self, pbegin):
+        listed = [(i, path) for i, path in enumerate(self._files) if i not in self._skip]
         return (
             pbegin
-            | "ListFiles" >> beam.Create(list(enumerate(self._files)))
+            | "ListFiles" >> beam.Create(listed)
             # Spread files over workers before the (sequential) per-file read.
             | "SpreadFiles" >> beam.Reshuffle()
             | "ReadChunks" >> beam.ParDo(_ReadChunks(self._rows_per_chunk))
         )
+
+
+#: Cells that start with one of these can run as formulas in spreadsheets (OWASP "CSV
+#: injection"); `neutralize_formulas` prefixes them with `'`.
+_FORMULA_START = r"^[=+\-@\t\r]"
+
+
+def neutralize_formulas(table: pa.Table) -> pa.Table:
+    """Text cells that start with =, +, -, @, tab or CR get a leading `'`, for CSV output.
+
+    Only string columns (and dictionaries of strings) change; nested cells become
+    JSON text, which starts with `[` or `{`. Numbers stored as text ("-5") are
+    prefixed too: that is the rule spreadsheets need.
+    """
+    import pyarrow.compute as pc
+
+    def neutralize(array):
+        flagged = pc.match_substring_regex(array, _FORMULA_START)
+        return pc.if_else(flagged, pc.binary_join_element_wise("'", array, ""), array)
+
+    columns = []
+    for field, column in zip(table.schema, table.columns, strict=True):
+        type_ = field.type
+        if pa.types.is_string(type_) or pa.types.is_large_string(type_):
+            column = neutralize(column)
+        elif pa.types.is_dictionary(type_) and (
+            pa.types.is_string(type_.value_type) or pa.types.is_large_string(type_.value_type)
+        ):
+            column = pa.chunked_array(
+                [
+                    pa.DictionaryArray.from_arrays(chunk.indices, neutralize(chunk.dictionary))
+                    for chunk in column.chunks
+                ],
+                type_,
+            )
+        columns.append(column)
+    return pa.Table.from_arrays(columns, schema=table.schema)
+
+
+def neutralize_chunk_formulas(chunk: Chunk) -> Chunk:
+    """`neutralize_formulas` on a chunk's table."""
+    return dataclasses.replace(chunk, table=neutralize_formulas(chunk.table))
 
 
 def csv_schema(schema: pa.Schema) -> pa.Schema:
@@ -303,6 +383,18 @@ class PartInfo:
     stats: dict[str, tuple[int, int, int, float]]
     devices: dict[str, list[str]]
 
+    def to_json(self) -> str:
+        """The part as JSON: the marker that says a staged file is complete."""
+        return json.dumps(dataclasses.asdict(self), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> PartInfo:
+        """The part written by `to_json`."""
+        data = json.loads(text)
+        data["first"] = tuple(data["first"])
+        data["stats"] = {task: tuple(v) for task, v in data["stats"].items()}
+        return cls(**data)
+
 
 def failure_records(chunk: Chunk) -> list[dict]:
     """One `errors.jsonl` record per task failure in the chunk."""
@@ -326,8 +418,8 @@ def failure_records(chunk: Chunk) -> list[dict]:
 class _PartAccumulator:
     """Writes chunks to one staged part file and sums what they carry."""
 
-    def __init__(self, staging_dir: str, schema: pa.Schema, fmt: str):
-        name = uuid.uuid4().hex
+    def __init__(self, staging_dir: str, schema: pa.Schema, fmt: str, name: str | None = None):
+        name = name or uuid.uuid4().hex
         self._data = _TableWriter(f"{staging_dir}/{name}.{fmt}", schema, fmt)
         self._errors_path = f"{staging_dir}/{name}.errors.jsonl"
         self._errors = None
@@ -378,74 +470,109 @@ class _PartAccumulator:
         )
 
 
-class _WriteParts(beam.DoFn):
-    """One staged part file per bundle, as Beam's own file sinks do."""
+class _WriteFileParts(beam.DoFn):
+    """One staged part per input file, its chunks in order, then a marker that it is done.
 
-    def __init__(self, staging_dir: str, schema: pa.Schema, fmt: str):
+    The marker (`<name>.done.json`, the part's `PartInfo`) is written last and renamed into
+    place, so its presence means the file's results are complete: a resumed run reuses
+    them instead of reading and enriching that input again. Data files carry a random
+    suffix, so a retried or speculative attempt never overwrites one another's data.
+    """
+
+    def __init__(self, staging_dir: str, schema: pa.Schema, fmt: str, names: dict[int, str]):
         self._staging_dir = staging_dir
         self._schema = schema
         self._fmt = fmt
+        self._names = names
 
-    def start_bundle(self):
-        self._part = None
-
-    def process(self, chunk: Chunk):
-        if self._part is None:
-            self._part = _PartAccumulator(self._staging_dir, self._schema, self._fmt)
-        self._part.add(chunk)
-
-    def finish_bundle(self):
-        if self._part is not None:
-            yield WindowedValue(
-                self._part.close(), GlobalWindow().max_timestamp(), [GlobalWindow()]
-            )
-            self._part = None
-
-
-class _WriteOrdered(beam.DoFn):
-    """All chunks into one part file, in input order (`keep_order: true`)."""
-
-    def __init__(self, staging_dir: str, schema: pa.Schema, fmt: str):
-        self._staging_dir = staging_dir
-        self._schema = schema
-        self._fmt = fmt
-
-    def process(self, keyed: tuple[None, Iterable[Chunk]]):
-        part = _PartAccumulator(self._staging_dir, self._schema, self._fmt)
-        for chunk in sorted(keyed[1], key=lambda c: c.position):
+    def process(self, keyed: tuple[int, Iterable[Chunk]]) -> Iterator[PartInfo]:
+        file_index, chunks = keyed
+        name = self._names.get(file_index, f"file-{file_index:05d}")
+        part = _PartAccumulator(
+            self._staging_dir, self._schema, self._fmt, name=f"{name}.{uuid.uuid4().hex[:8]}"
+        )
+        for chunk in sorted(chunks, key=lambda c: c.index):
             part.add(chunk)
-        yield part.close()
+        info = part.close()
+        marker = f"{self._staging_dir}/{name}.done.json"
+        temporary = f"{marker}.{uuid.uuid4().hex[:8]}.tmp"
+        with FileSystems.create(temporary, _MIME) as handle:
+            handle.write(info.to_json().encode("utf-8"))
+        FileSystems.rename([temporary], [marker])
+        kill_point("staged")
+        yield info
+
+
+def staged_parts(staging_dir: str, names: dict[int, str]) -> dict[int, PartInfo]:
+    """The parts `WriteTables` completed in `staging_dir`, by file index (for resuming)."""
+    found = {}
+    for file_index, name in names.items():
+        marker = f"{staging_dir}/{name}.done.json"
+        if FileSystems.exists(marker):
+            with FileSystems.open(marker, _MIME) as handle:
+                info = PartInfo.from_json(handle.read().decode("utf-8"))
+            paths = [info.path] + ([info.errors_path] if info.errors_path else [])
+            if all(FileSystems.exists(path) for path in paths):
+                found[file_index] = dataclasses.replace(info, first=(file_index, 0))
+    return found
+
+
+_KILL_COUNTS: Counter = Counter()
+
+
+def kill_point(name: str) -> None:
+    """Crash-test hook: SIGKILLs this process at the named point, for the atomicity tests.
+
+    `BEAM_ENRICH_KILL_AT=<name>:<n>` kills the process the n-th time it reaches `name`
+    (`staged`: an input file's part is staged; `assembled`, `swapping`: see
+    `pipelines.manifest.finalize_run`). Unset (always, outside tests), it does nothing.
+    """
+    wanted = os.environ.get("BEAM_ENRICH_KILL_AT")
+    if not wanted:
+        return
+    point, _, count = wanted.partition(":")
+    if point == name:
+        _KILL_COUNTS[name] += 1
+        if _KILL_COUNTS[name] >= int(count or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class WriteTables(beam.PTransform):
-    """Writes chunks to staged part files; yields a `PartInfo` per file.
+    """Writes chunks to staged part files, one per input file; yields a `PartInfo` per file.
 
     The files are staged: `finalize` (in the application) moves them to their final
-    names once every part is written, so a failed run leaves nothing under them.
+    names once every part is written, so a failed run leaves nothing under them. Each
+    part holds one input file's rows in input order, so parts sorted by `first` follow
+    the input order exactly.
 
     Args:
         staging_dir: where part files are written first.
         schema: the output schema (input schema + task columns + `enrich_errors`).
         output_format: `parquet` or `csv`.
-        keep_order: write one part whose rows follow input order exactly. Holds the
-            whole output on one worker while it sorts, so it suits moderate sizes.
+        part_names: file index -> stem of its staged part and marker (default
+            `file-NNNNN`); stems that name the input's content let `staged_parts` find
+            the results of an interrupted run.
     """
 
     def __init__(
-        self, staging_dir: str, schema: pa.Schema, *, output_format: str, keep_order: bool = False
+        self,
+        staging_dir: str,
+        schema: pa.Schema,
+        *,
+        output_format: str,
+        part_names: dict[int, str] | None = None,
     ):
         super().__init__()
         if output_format not in FORMATS:
             raise ValueError(f"output_format {output_format!r}: expected one of {FORMATS}")
-        self._args = (staging_dir, schema, output_format)
-        self._keep_order = keep_order
+        self._args = (staging_dir, schema, output_format, dict(part_names or {}))
 
     def expand(self, chunks):
-        if not self._keep_order:
-            return chunks | "WriteParts" >> beam.ParDo(_WriteParts(*self._args))
         return (
             chunks
-            | "KeyForOrder" >> beam.Map(lambda chunk: (None, chunk))
-            | "GatherAll" >> beam.GroupByKey()
-            | "WriteOrdered" >> beam.ParDo(_WriteOrdered(*self._args))
+            # Group each input file's chunks, so its results are staged (and resumable)
+            # as a unit; one worker writes one file's part.
+            | "KeyByFile" >> beam.Map(lambda chunk: (chunk.file_index, chunk))
+            | "GatherFile" >> beam.GroupByKey()
+            | "WriteFileParts" >> beam.ParDo(_WriteFileParts(*self._args))
         )

@@ -1,0 +1,206 @@
+"""Atomic output and --resume: real CLI runs, SIGKILLed at named points, then resumed.
+
+Each run is `python -m pipelines.enrich` in a subprocess; `BEAM_ENRICH_KILL_AT` (see
+`transforms.io.kill_point`) makes the process SIGKILL itself at a named point, so
+the kill lands at the same place on every machine.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from pipelines.enrich import main
+from pipelines.manifest import input_key
+from tests.conftest import REPO, SAMPLE_DATA
+
+SLICES = [(0, 15), (15, 15), (30, 15), (45, 15), (60, 11)]
+
+
+def _spec(path: Path, models: dict, tasks: list[str]) -> Path:
+    known = {
+        "sentiment": {
+            "name": "sentiment",
+            "task": "sentiment-analysis",
+            "model": str(models["text-classification"]),
+        },
+        "embedding": {
+            "name": "embedding",
+            "task": "feature-extraction",
+            "model": str(models["feature-extraction"]),
+        },
+    }
+    spec = {"rows_per_chunk": 4, "keep_order": True, "tasks": [known[t] for t in tasks]}
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def _inputs(folder: Path) -> list[Path]:
+    table = pq.read_table(SAMPLE_DATA / "reviews.parquet")
+    texts = table.column("text").to_pylist()
+    texts[20] = "   "  # a per-row failure, so errors.jsonl has to be carried over too
+    table = table.set_column(table.schema.get_field_index("text"), "text", [texts])
+    folder.mkdir()
+    paths = []
+    for i, (start, length) in enumerate(SLICES):
+        paths.append(folder / f"in-{i}.parquet")
+        pq.write_table(table.slice(start, length), paths[-1])
+    return paths
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _cli(args: list[str], kill_at: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("BEAM_ENRICH_KILL_AT", None)
+    if kill_at:
+        env["BEAM_ENRICH_KILL_AT"] = kill_at
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.enrich", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _markers(output: Path) -> dict[str, str]:
+    folder = output.parent / f".{output.name}.beam-enrich" / "files"
+    return {p.name: p.read_text() for p in folder.glob("*/*.done.json")}
+
+
+def test_killed_runs_leave_old_output_and_resume_matches_uninterrupted(tmp_path, tiny_models):
+    inputs = _inputs(tmp_path / "in")
+    pattern = str(tmp_path / "in" / "*.parquet")
+    spec = _spec(tmp_path / "job.yaml", tiny_models, ["sentiment", "embedding"])
+    old_spec = _spec(tmp_path / "old.yaml", tiny_models, ["sentiment"])
+    output, reference = tmp_path / "out", tmp_path / "reference"
+
+    # The previous complete output under the name, and an uninterrupted run to compare.
+    assert main(["--input", pattern, "--output", str(output), "--spec", str(old_spec)]) == 0
+    previous = _snapshot(output)
+    assert main(["--input", pattern, "--output", str(reference), "--spec", str(spec)]) == 0
+    args = ["--input", pattern, "--output", str(output), "--spec", str(spec)]
+
+    # 1. Killed while input files are being staged: two of five are done.
+    killed = _cli(args, kill_at="staged:2")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert _snapshot(output) == previous
+    staged = _markers(output)
+    assert len(staged) == 2
+
+    # 2. Resumed, then killed inside the swap: the old output is moved aside and the
+    #    new one is not yet in place, so the name holds nothing.
+    killed = _cli([*args, "--resume"], kill_at="swapping")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not output.exists()
+    root = tmp_path / ".out.beam-enrich"
+    (moved_aside,) = root.glob("previous-*")
+    assert _snapshot(moved_aside) == previous
+    (assembled,) = root.glob("runs/*/manifest.json")
+    reused = {
+        input_key(entry["path"], entry["sha256"]) + ".done.json"
+        for entry in json.loads(assembled.read_text())["inputs"]
+        if entry["reused"]
+    }
+    assert reused == set(staged)
+    # The reused files were not recomputed: their markers still name the first run's data.
+    assert {name: text for name, text in _markers(output).items() if name in staged} == staged
+    assert len(_markers(output)) == len(inputs)
+
+    # 3. Resumed again: everything is staged, so nothing is recomputed; the output equals
+    #    the uninterrupted run's.
+    assert main([*args, "--resume"]) == 0  # in-process: no kill needed, saves a start-up
+    assert not root.exists()
+    manifest = json.loads((output / "manifest.json").read_text())
+    expected = json.loads((reference / "manifest.json").read_text())
+    assert [entry["reused"] for entry in manifest["inputs"]] == [True] * len(inputs)
+    assert manifest["fingerprint"] == expected["fingerprint"]
+    assert (
+        manifest["rows"]
+        == expected["rows"]
+        == {
+            "in": 71,
+            "out": 71,
+            "failed": {"sentiment": 1, "embedding": 1},
+        }
+    )
+    for task in manifest["tasks"]:
+        assert task["succeeded"] + task["failed"] == task["rows"] == 71
+    # keep_order: one part file, the five per-file parts concatenated in input order.
+    assert sorted(p.name for p in output.iterdir()) == sorted(p.name for p in reference.iterdir())
+    assert sorted(p.name for p in output.iterdir()) == [
+        "errors.jsonl",
+        "manifest.json",
+        "part-00000-of-00001.parquet",
+    ]
+    part = output / "part-00000-of-00001.parquet"
+    ids = pq.read_table(SAMPLE_DATA / "reviews.parquet").column("id").to_pylist()
+    assert pq.read_table(part).column("id").to_pylist() == ids
+    assert pq.read_table(part).equals(pq.read_table(reference / part.name))
+    assert (output / "errors.jsonl").read_text() == (reference / "errors.jsonl").read_text()
+
+
+def test_run_killed_before_swap_keeps_old_output_and_cleans_up(tmp_path, tiny_models):
+    """Killed once the new output is assembled: the old one stays, and a plain rerun
+    (no --resume) throws away what the killed run left and replaces the output."""
+    inputs = _inputs(tmp_path / "in")
+    spec = _spec(tmp_path / "job.yaml", tiny_models, ["sentiment"])
+    output = tmp_path / "out"
+    args = ["--input", str(inputs[0]), "--output", str(output), "--spec", str(spec)]
+    assert main(args) == 0
+    previous = _snapshot(output)
+
+    killed = _cli(args, kill_at="assembled")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert _snapshot(output) == previous
+    root = tmp_path / ".out.beam-enrich"
+    assert list(root.glob("runs/*/manifest.json"))  # complete, but not under the name
+
+    assert main(args) == 0
+    assert not root.exists()
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["run_id"] != json.loads(previous["manifest.json"])["run_id"]
+    assert manifest["inputs"][0]["reused"] is False
+    assert sorted(p.name for p in output.iterdir()) == sorted(previous)
+
+
+def test_output_folder_with_foreign_files_is_refused(tmp_path, tiny_models, capsys):
+    spec = _spec(tmp_path / "job.yaml", tiny_models, ["sentiment"])
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "notes.txt").write_text("mine")
+    args = ["--input", str(SAMPLE_DATA / "reviews.parquet"), "--output", str(output)]
+    assert main([*args, "--spec", str(spec)]) == 2
+    assert "notes.txt" in capsys.readouterr().err
+    assert _snapshot(output) == {"notes.txt": b"mine"}
+
+
+def test_keep_order_csv_concatenates_per_file_parts_under_one_header(tmp_path, tiny_models):
+    inputs = _inputs(tmp_path / "in")
+    spec = _spec(tmp_path / "job.yaml", tiny_models, ["sentiment"])
+    output = tmp_path / "out"
+    args = ["--input", str(inputs[0]), "--input", str(inputs[1]), "--output", str(output)]
+    assert main([*args, "--spec", str(spec), "--output-format", "csv"]) == 0
+    assert sorted(p.name for p in output.iterdir()) == [
+        "errors.jsonl",
+        "manifest.json",
+        "part-00000-of-00001.csv",
+    ]
+    rows = list(csv.DictReader(io.StringIO((output / "part-00000-of-00001.csv").read_text())))
+    ids = pq.read_table(SAMPLE_DATA / "reviews.parquet").column("id").to_pylist()[:30]
+    assert [int(row["id"]) for row in rows] == ids
+    assert all(row["sentiment_label"] in {"POSITIVE", "NEGATIVE", ""} for row in rows)
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["output"]["files"][0]["rows"] == manifest["rows"]["out"] == 30
