@@ -16,6 +16,8 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
+import re
 import sys
 import traceback
 import uuid
@@ -26,7 +28,17 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipelines.manifest import MANIFEST, RunContext, finalize_run, now, redact, redact_argv
+from pipelines.manifest import (
+    MANIFEST,
+    RunContext,
+    finalize_run,
+    now,
+    prepare_output,
+    redact,
+    redact_argv,
+    reusable_parts,
+    spec_fingerprint,
+)
 from pipelines.spec import JobSpec, SpecError, load_spec
 from transforms.chunks import ERRORS_COLUMN, ERRORS_TYPE
 from transforms.enrich import EnrichTables, TaskBinding
@@ -37,6 +49,7 @@ from transforms.io import (
     WriteTables,
     expand_inputs,
     file_sha256,
+    neutralize_chunk_formulas,
     read_schema,
     table_format,
 )
@@ -72,8 +85,13 @@ def prepare_job(
     output_format: str | None = None,
     argv: Sequence[str] = (),
     options: PipelineOptions | None = None,
+    resume: bool = False,
+    csv_neutralize_formulas: bool = False,
 ) -> Job:
     """Checks a job against its inputs and pins its models, before any row is read.
+
+    With `resume`, input files whose results an interrupted run of the same job (same
+    `spec_fingerprint`, same path and sha256) staged are reused, not read again.
 
     Raises:
         InputError: no input file matches, formats or schemas disagree, a column is
@@ -98,8 +116,12 @@ def prepare_job(
                     f"task {task.name!r} reads column {column!r}, which the input does not "
                     f"have; columns: {', '.join(available)} (set `input:` or `text_column:`)"
                 )
+        _check_text_type(task.name, adapter.input_column, schema)
         model = resolve_model(
-            task.model_id, task.revision, trust_remote_code=task.trust_remote_code
+            task.model_id,
+            task.revision,
+            trust_remote_code=task.trust_remote_code,
+            allow_pickle_weights=task.allow_pickle_weights,
         )
         bindings.append(
             TaskBinding(
@@ -108,6 +130,9 @@ def prepare_job(
                 device=task.device,
                 dtype=task.dtype,
                 max_batch_tokens=task.max_batch_tokens,
+                inference_timeout_s=task.inference_timeout_s,
+                share_model=task.share_model,
+                cpu_threads=_cpu_threads_per_process(options),
             )
         )
         added.extend(adapter.fields())
@@ -138,8 +163,39 @@ def prepare_job(
         output_schema=output_schema,
         spec=spec.model_dump(mode="json"),
         tasks=[_describe_task(spec, binding) for binding in bindings],
+        csv_neutralize_formulas=csv_neutralize_formulas and output_format == "csv",
     )
+    context = dataclasses.replace(
+        context,
+        fingerprint=spec_fingerprint(
+            context.spec,
+            context.tasks,
+            output_format,
+            output_schema,
+            {"csv_neutralize_formulas": context.csv_neutralize_formulas},
+        ),
+    )
+    if resume:
+        reused = reusable_parts(context)
+        context = dataclasses.replace(context, reused=tuple(reused[i] for i in sorted(reused)))
     return Job(spec=spec, files=files, bindings=bindings, context=context)
+
+
+def _cpu_threads_per_process(options: PipelineOptions | None) -> int | None:
+    """Each local worker's share of the cores, so processes do not oversubscribe them.
+
+    Other runners size their workers themselves; there torch keeps its default.
+    """
+    if options is None or options.view_as(StandardOptions).runner not in (None, "DirectRunner"):
+        return None
+    from apache_beam.options.pipeline_options import DirectOptions
+
+    direct = options.view_as(DirectOptions)
+    cores = os.cpu_count() or 1
+    workers = direct.direct_num_workers or cores  # 0 means one per core
+    if direct.direct_running_mode == "in_memory" or workers <= 1:
+        return None
+    return max(1, cores // workers)
 
 
 def dt_run_id() -> str:
@@ -162,6 +218,21 @@ def _common_schema(files: Sequence[str]) -> pa.Schema:
     return first
 
 
+def _check_text_type(task: str, column: str, schema: pa.Schema) -> None:
+    """A task's text column must hold text; a whole column of numbers is a spec mistake."""
+    if column not in schema.names:
+        return  # an earlier task's output column: typed by that task
+    type_ = schema.field(column).type
+    if pa.types.is_dictionary(type_):
+        type_ = type_.value_type
+    text = pa.types.is_string(type_) or pa.types.is_large_string(type_)
+    if not (text or pa.types.is_string_view(type_) or pa.types.is_null(type_)):
+        raise InputError(
+            f"task {task!r} reads text from column {column!r}, which holds {type_}; point "
+            "`input:` at a string column, or cast the column to string first"
+        )
+
+
 def _describe_task(spec: JobSpec, binding: TaskBinding) -> dict:
     task = next(t for t in spec.tasks if t.name == binding.name)
     model = binding.model
@@ -173,6 +244,8 @@ def _describe_task(spec: JobSpec, binding: TaskBinding) -> dict:
         "requested_revision": model.requested_revision,
         "resolved_revision": model.resolved,
         "trust_remote_code": model.trust_remote_code,
+        "allow_pickle_weights": model.allow_pickle_weights,
+        "inference_timeout_s": binding.inference_timeout_s,
         "input_columns": binding.adapter.read_columns(),
         "on_long_input": task.on_long_input,
         "parameters": task.params.model_dump(mode="json"),
@@ -195,21 +268,28 @@ def build(pipeline: beam.Pipeline, job: Job) -> None:
     spec = job.spec
     chunks = (
         pipeline
-        | "ReadInput" >> ReadTables(job.files, rows_per_chunk=spec.rows_per_chunk)
+        | "ReadInput"
+        >> ReadTables(
+            job.files,
+            rows_per_chunk=spec.rows_per_chunk,
+            skip=[part.first[0] for part in job.context.reused],
+        )
         # Chunks of one file come from one reader; spread them before inference.
         | "SpreadChunks" >> beam.Reshuffle()
     )
     for binding in job.bindings:
         chunks = chunks | f"Enrich[{binding.name}]" >> EnrichTables(binding)
     context = job.context
+    if context.csv_neutralize_formulas:
+        chunks = chunks | "NeutralizeFormulas" >> beam.Map(neutralize_chunk_formulas)
     _ = (
         chunks
         | "WriteOutput"
         >> WriteTables(
-            context.staging_dir,
+            context.files_dir,
             context.output_schema,
             output_format=context.output_format,
-            keep_order=spec.keep_order,
+            part_names=context.part_names,
         )
         | "CollectParts" >> beam.combiners.ToList()
         | "Finalize" >> beam.Map(finalize_run, context)
@@ -243,7 +323,10 @@ def run(argv: Sequence[str] | None = None) -> beam.runners.runner.PipelineResult
         output_format=args.output_format,
         argv=["beam-enrich", *argv],
         options=options,
+        resume=args.resume,
+        csv_neutralize_formulas=args.csv_neutralize_formulas,
     )
+    prepare_output(job.context, resume=args.resume)
     pipeline = _make_pipeline(options)
     build(pipeline, job)
     result = pipeline.run()
@@ -270,12 +353,30 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--spec", required=True, help="job spec (YAML)")
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the results an interrupted run of the same job staged for unchanged inputs",
+    )
+    parser.add_argument(
         "--output-format",
         choices=FORMATS,
         default=None,
         help="default: the inputs' format",
     )
+    parser.add_argument(
+        "--csv-neutralize-formulas",
+        action="store_true",
+        help="CSV output: prefix ' to text cells starting with = + - @ tab or CR, so "
+        "spreadsheets do not run them as formulas (input and task columns alike)",
+    )
     return parser
+
+
+_INPUT_ERROR = re.compile(r"InputError: (cannot read [^\n]*)")
+
+
+def _drop_input_errors(record: logging.LogRecord) -> bool:
+    return not (record.exc_info and isinstance(record.exc_info[1], InputError))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -286,14 +387,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipelines.test_models import main as make_test_models
 
         return make_test_models(argv[1:])
+    # An unreadable input found mid-run is reported below in one line; Beam's own log
+    # of it (with the worker traceback) would only repeat it.
+    beam_log = logging.getLogger("apache_beam.runners.common")
+    beam_log.addFilter(_drop_input_errors)
     try:
         if argv[:1] == ["validate"]:
             return _validate(argv[1:])
         run(argv)
-    except (SpecError, InputError, ModelError) as err:
+    except SpecError as err:
         print(f"beam-enrich: error: {err}", file=sys.stderr)
         return 2
+    except (InputError, ModelError) as err:
+        print(f"beam-enrich: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     except Exception as err:
+        # A runner that runs workers in other processes hands back their InputError as
+        # text: an unreadable input is still the input's fault (exit 2), not the run's.
+        found = _INPUT_ERROR.search(str(err))
+        if found:
+            print(f"beam-enrich: error: {found[1]}", file=sys.stderr)
+            return 2
         # The traceback is for debugging; the last line says what it means for the output.
         traceback.print_exc()
         output = _parser().parse_known_args(argv)[0].output

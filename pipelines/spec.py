@@ -63,6 +63,15 @@ class TaskSpec(_Frozen):
         "truncate", description="truncate to the model's limit, or cover the text in windows"
     )
     trust_remote_code: StrictBool = False
+    allow_pickle_weights: StrictBool = Field(
+        False, description="load pickle (.bin) weights, which can run code; default safetensors"
+    )
+    inference_timeout_s: float | None = Field(
+        None, gt=0, description="a micro-batch still running after this long fails its rows"
+    )
+    share_model: Literal["auto", "process", "machine"] = Field(
+        "auto", description="one model per SDK process, or one per machine (auto: per GPU)"
+    )
     params: Any = None
 
     @field_validator("params", mode="before")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -344,3 +345,56 @@ def test_failed_run_exits_1_and_says_so(tmp_path, tiny_models, capsys):
     assert main([*args, "--spec", str(spec)]) == 1
     assert f"no manifest was written to {output}" in capsys.readouterr().err
     assert not (output / "manifest.json").exists()
+
+
+def test_one_model_per_machine_gives_the_same_output(tmp_path, tiny_models):
+    """share_model: machine serves one model to both SDK processes (MultiProcessShared)."""
+    source = str(SAMPLE_DATA / "reviews.parquet")
+    outputs = {}
+    for share in ("process", "machine"):
+        spec = tmp_path / f"{share}.yaml"
+        spec.write_text(
+            json.dumps(
+                {
+                    "rows_per_chunk": 8,
+                    "tasks": [
+                        {
+                            "name": "s",
+                            "task": "sentiment-analysis",
+                            "share_model": share,
+                            "model": str(tiny_models["text-classification"]),
+                        },
+                    ],
+                }
+            )
+        )
+        output = tmp_path / share
+        assert (
+            main(
+                [
+                    "--input",
+                    source,
+                    "--output",
+                    str(output),
+                    "--spec",
+                    str(spec),
+                    "--direct_running_mode=multi_processing",
+                    "--direct_num_workers=2",
+                ]
+            )
+            == 0
+        )
+        outputs[share] = read_parts(output).sort_by("id")
+    assert outputs["machine"].equals(outputs["process"])
+
+
+def test_local_workers_get_their_share_of_the_cores():
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines.enrich import _cpu_threads_per_process
+
+    cores = os.cpu_count()
+    two = PipelineOptions(["--direct_running_mode=multi_processing", "--direct_num_workers=2"])
+    assert _cpu_threads_per_process(two) == max(1, cores // 2)
+    assert _cpu_threads_per_process(PipelineOptions([])) is None
+    assert _cpu_threads_per_process(PipelineOptions(["--runner=DataflowRunner"])) is None

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
+import os
+import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 
@@ -13,7 +17,7 @@ from apache_beam.utils import shared
 
 from transforms.batching import plan_batches
 from transforms.chunks import ERRORS_COLUMN, ERRORS_TYPE, Chunk, TaskStats
-from transforms.models import ResolvedModel, resolve_device, resolve_dtype
+from transforms.models import ResolvedModel, resolve_device, resolve_dtype, retry_transient
 from transforms.tasks.base import InvalidInput, Runner, TaskAdapter
 
 __all__ = ["BatchLimit", "EnrichTables", "TaskBinding", "add_task_columns", "run_task"]
@@ -31,6 +35,13 @@ class TaskBinding:
         device: `auto`, `cpu`, `cuda` or `cuda:N`, decided on the worker.
         dtype: `auto`, `fp32`, `fp16`, `bf16` or `int8`.
         max_batch_tokens: the padded size (rows x longest row) of one micro-batch.
+        inference_timeout_s: a micro-batch still running after this many seconds
+            fails its rows with `TimeoutError`; None waits forever.
+        share_model: `process`: one model per SDK process (Beam's `Shared`);
+            `machine`: one per machine, served to every SDK process through Beam's
+            `MultiProcessShared` (one copy per GPU); `auto`: machine on GPU workers.
+        cpu_threads: torch intra-op threads on CPU workers (each process's share of the
+            cores); None leaves torch's default.
     """
 
     adapter: TaskAdapter
@@ -38,18 +49,31 @@ class TaskBinding:
     device: str = "auto"
     dtype: str = "auto"
     max_batch_tokens: int = 8192
+    inference_timeout_s: float | None = None
+    share_model: str = "auto"
+    cpu_threads: int | None = None
 
     @property
     def name(self) -> str:
         return self.adapter.name
 
 
-@dataclasses.dataclass
-class _LoadedRunner:
-    # Shared.acquire needs a weak-referenceable object; this holder is one.
-    runner: Runner
-    device: str
-    dtype: str
+class _LoadedModel:
+    """A loaded task and its batch-size memory; shared by threads or, behind a proxy,
+    by processes, so its interface is methods that take and return plain data (one
+    call per chunk)."""
+
+    def __init__(self, runner: Runner, device: str, dtype: str):
+        self.runner = runner
+        self.device = device
+        self.dtype = dtype
+        self.limit = BatchLimit()
+
+    def placement(self) -> tuple[str, str]:
+        return self.device, self.dtype
+
+    def run(self, inputs: list, max_batch_tokens: int, timeout_s: float | None = None):
+        return run_task(self.runner, inputs, max_batch_tokens, self.limit, timeout_s=timeout_s)
 
 
 @dataclasses.dataclass
@@ -68,8 +92,54 @@ def _is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
 
 
+def _release_cuda_cache() -> None:
+    # After a CUDA out-of-memory error the allocator still holds the failed batch's
+    # blocks; hand them back before the smaller retries. No-op without torch or CUDA.
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def _infer_with_timeout(runner: Runner, items: list, timeout_s: float | None) -> list:
+    """`runner.infer(items)`, given up on after `timeout_s` seconds.
+
+    Hand-written: a `concurrent.futures` pool cannot abandon a hung worker (its next
+    batch would queue behind it, and shutdown waits for it), so each timed batch gets
+    its own daemon thread. Python cannot kill a thread: a hung batch's thread runs on,
+    and may keep a core busy, until its call returns; the run goes on without it.
+    """
+    if timeout_s is None:
+        return runner.infer(items)
+    done = threading.Event()
+    outcome: list = []
+
+    def target() -> None:
+        try:
+            outcome.append((True, runner.infer(items)))
+        except BaseException as err:  # handed to the waiting thread, raised there
+            outcome.append((False, err))
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name="beam-enrich-infer", daemon=True).start()
+    if not done.wait(timeout_s):
+        raise TimeoutError(
+            f"inference on a micro-batch of {len(items)} row(s) took longer than "
+            f"inference_timeout_s={timeout_s:g}s"
+        )
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
+
+
 def run_task(
-    runner: Runner, inputs: Sequence, max_batch_tokens: int, limit: BatchLimit | None = None
+    runner: Runner,
+    inputs: Sequence,
+    max_batch_tokens: int,
+    limit: BatchLimit | None = None,
+    *,
+    timeout_s: float | None = None,
 ) -> tuple[list[tuple | None], list[str | None], int]:
     """Runs a task over one chunk's row inputs.
 
@@ -80,6 +150,8 @@ def run_task(
         max_batch_tokens: the padded size of one micro-batch.
         limit: rows per micro-batch known to fit in memory; out-of-memory errors
             lower it, so later chunks start from the size that worked.
+        timeout_s: a micro-batch still running after this many seconds fails each of
+            its rows with `TimeoutError`, without being split.
 
     Rows with invalid input and rows whose inference raises get an error instead of a
     result; a micro-batch that raises is split in halves until the failing rows are
@@ -104,7 +176,7 @@ def run_task(
     limit = limit if limit is not None else BatchLimit()
     costs = [runner.cost(item) for _, item in prepared]
     for batch in plan_batches(costs, max_batch_tokens, limit.max_rows):
-        _infer_isolating(runner, [prepared[b] for b in batch], results, errors, limit)
+        _infer_isolating(runner, [prepared[b] for b in batch], results, errors, limit, timeout_s)
     truncated = sum(1 for _, item in prepared if getattr(item, "truncated", False))
     return results, errors, truncated
 
@@ -125,15 +197,23 @@ def _prepare(runner: Runner, inputs: list, rows: list[int], errors: list) -> lis
 
 
 def _infer_isolating(
-    runner: Runner, batch: list, results: list, errors: list, limit: BatchLimit
+    runner: Runner,
+    batch: list,
+    results: list,
+    errors: list,
+    limit: BatchLimit,
+    timeout_s: float | None = None,
 ) -> None:
     try:
-        outputs = runner.infer([item for _, item in batch])
+        outputs = _infer_with_timeout(runner, [item for _, item in batch], timeout_s)
     except Exception as err:
-        if len(batch) == 1:
-            errors[batch[0][0]] = _describe(err)
+        if len(batch) == 1 or isinstance(err, TimeoutError):
+            # A timed-out batch is not split: each half could hang as long again.
+            for row, _ in batch:
+                errors[row] = _describe(err)
             return
         if _is_out_of_memory(err):
+            _release_cuda_cache()
             limit.shrink(len(batch))
             _LOG.warning(
                 "out of memory on %d rows; micro-batches now hold at most %d",
@@ -141,8 +221,8 @@ def _infer_isolating(
                 limit.max_rows,
             )
         middle = len(batch) // 2
-        _infer_isolating(runner, batch[:middle], results, errors, limit)
-        _infer_isolating(runner, batch[middle:], results, errors, limit)
+        _infer_isolating(runner, batch[:middle], results, errors, limit, timeout_s)
+        _infer_isolating(runner, batch[middle:], results, errors, limit, timeout_s)
         return
     for (row, _), output in zip(batch, outputs, strict=True):
         results[row] = output
@@ -178,6 +258,28 @@ def add_task_columns(
     return table.append_column(pa.field(ERRORS_COLUMN, ERRORS_TYPE), pa.array(merged, ERRORS_TYPE))
 
 
+def _share_per_machine(task: TaskBinding) -> bool:
+    if task.share_model != "auto":
+        return task.share_model == "machine"
+    if task.device == "cpu":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _gpu_for_this_process(device: str) -> str:
+    """`cuda`/`auto` on a machine with several GPUs: spread SDK processes over them."""
+    if device not in ("auto", "cuda"):
+        return device
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count <= 1:
+        return device
+    return f"cuda:{os.getpid() % count}"
+
+
 class _EnrichDoFn(beam.DoFn):
     def __init__(self, task: TaskBinding, shared_handle: shared.Shared):
         self._task = task
@@ -187,16 +289,23 @@ class _EnrichDoFn(beam.DoFn):
         self._failed = beam.metrics.Metrics.counter("beam_enrich", f"{prefix}_failed_rows")
         self._batch_ms = beam.metrics.Metrics.distribution("beam_enrich", f"{prefix}_chunk_ms")
 
-    def _load(self) -> _LoadedRunner:
+    def _load(self) -> _LoadedModel:
         task = self._task
-        device = resolve_device(task.device)
+        device = resolve_device(_gpu_for_this_process(task.device))
         dtype = resolve_dtype(task.dtype, device)
+        if device == "cpu" and task.cpu_threads:
+            import torch
+
+            torch.set_num_threads(task.cpu_threads)
         from transformers.utils import logging as hf_logging
 
         # Worker logs are for problems; a per-load weights progress bar is noise there.
         hf_logging.disable_progress_bar()
         started = time.perf_counter()
-        runner = task.adapter.load(task.model, device, dtype)
+        # Hub downloads can fail transiently (connection errors, HTTP 429 / 5xx).
+        runner = retry_transient(
+            lambda: task.adapter.load(task.model, device, dtype), f"load {task.model.model}"
+        )
         _LOG.info(
             "task %s: loaded %s (%s) on %s/%s in %.1fs",
             task.name,
@@ -206,14 +315,23 @@ class _EnrichDoFn(beam.DoFn):
             dtype,
             time.perf_counter() - started,
         )
-        return _LoadedRunner(runner, device, dtype)
+        return _LoadedModel(runner, device, dtype)
 
     def setup(self):
-        # One model per process, shared by the process's threads; the tag keys it to
-        # this exact task, model and placement.
-        tag = repr((self._task.name, self._task.model, self._task.device, self._task.dtype))
-        self._loaded = self._shared.acquire(self._load, tag=tag)
-        self._limit = BatchLimit()
+        task = self._task
+        # The tag keys the model to this exact task, model and placement.
+        key = repr((task.name, task.model, _gpu_for_this_process(task.device), task.dtype))
+        if _share_per_machine(task):
+            from apache_beam.utils.multi_process_shared import MultiProcessShared
+
+            # One copy per GPU for all SDK processes of the machine, as RunInference
+            # does for large models; calls go through a proxy, one per chunk.
+            tag = "beam-enrich-" + hashlib.sha256(key.encode()).hexdigest()[:24]
+            self._loaded = MultiProcessShared(self._load, tag=tag, always_proxy=True).acquire()
+        else:
+            # One model per process, shared by the process's threads.
+            self._loaded = self._shared.acquire(self._load, tag=key)
+        self._placement = self._loaded.placement()
 
     def process(self, chunk: Chunk) -> Iterator[Chunk]:
         task = self._task
@@ -221,8 +339,8 @@ class _EnrichDoFn(beam.DoFn):
         columns = {name: chunk.table.column(name).to_pylist() for name in adapter.read_columns()}
         started = time.perf_counter()
         inputs = adapter.row_inputs(columns)
-        results, errors, truncated = run_task(
-            self._loaded.runner, inputs, task.max_batch_tokens, self._limit
+        results, errors, truncated = self._loaded.run(
+            inputs, task.max_batch_tokens, task.inference_timeout_s
         )
         seconds = time.perf_counter() - started
         table = add_task_columns(chunk.table, task.name, task.adapter.fields(), results, errors)
@@ -236,8 +354,8 @@ class _EnrichDoFn(beam.DoFn):
             failed=failed,
             truncated=truncated,
             seconds=seconds,
-            device=self._loaded.device,
-            dtype=self._loaded.dtype,
+            device=self._placement[0],
+            dtype=self._placement[1],
         )
         yield dataclasses.replace(chunk, table=table, stats=(*chunk.stats, stats))
 

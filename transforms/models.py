@@ -18,11 +18,13 @@ __all__ = [
     "DTYPES",
     "ModelError",
     "ResolvedModel",
+    "is_transient",
     "load_kwargs",
     "place_model",
     "resolve_device",
     "resolve_dtype",
     "resolve_model",
+    "retry_transient",
 ]
 
 DTYPES = ("auto", "fp32", "fp16", "bf16", "int8")
@@ -31,6 +33,82 @@ _LOG = logging.getLogger(__name__)
 
 class ModelError(ValueError):
     """A model that cannot be found, resolved or placed as asked."""
+
+
+#: Hub calls that fail transiently are tried this often, waiting HUB_FIRST_DELAY_S,
+#: then twice as long each time (1 + 2 + 4 s by default) before giving up.
+HUB_ATTEMPTS = 4
+HUB_FIRST_DELAY_S = 1.0
+_NETWORK_MODULES = ("httpx", "httpx2", "requests", "urllib3")
+_NETWORK_ERRORS = ("TransportError", "ConnectionError", "Timeout", "ProtocolError")
+
+
+def is_transient(err: BaseException | None) -> bool:
+    """Whether `err`, or an exception it was raised from, is worth retrying.
+
+    Transient: HTTP 429 and 5xx answers, connection errors and timeouts (of httpx,
+    requests or the standard library). Offline mode, a missing repository or revision
+    and other 4xx answers are not.
+    """
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OfflineModeIsEnabled):
+            return False
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if isinstance(status, int):
+            return status == 429 or status >= 500
+        if isinstance(err, ConnectionError | TimeoutError) or any(
+            cls.__module__.split(".")[0] in _NETWORK_MODULES and cls.__name__ in _NETWORK_ERRORS
+            for cls in type(err).__mro__
+        ):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def retry_transient(call, what: str, *, attempts: int | None = None, sleep=None):
+    """Returns `call()`, retried with exponential backoff while it fails transiently.
+
+    Hand-written: huggingface_hub's own `http_backoff` retries raw HTTP requests only,
+    not calls such as `model_info` or `from_pretrained`, and ten lines need no new
+    dependency.
+
+    Args:
+        call: the function to call, without arguments.
+        what: what it does, for the log ("resolve acme/model").
+        attempts: tries in all (default `HUB_ATTEMPTS`).
+        sleep: waits that many seconds (default `time.sleep`; tests pass their own).
+
+    Raises:
+        whatever `call` raised last, once the attempts are used up or the error is
+        not transient.
+    """
+    import time
+
+    attempts = HUB_ATTEMPTS if attempts is None else attempts
+    sleep = time.sleep if sleep is None else sleep
+    delay = HUB_FIRST_DELAY_S
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except Exception as err:
+            if attempt == attempts or not is_transient(err):
+                raise
+            _LOG.warning(
+                "%s failed (%s: %s); retry %d of %d in %.0fs",
+                what,
+                type(err).__name__,
+                err,
+                attempt,
+                attempts - 1,
+                delay,
+            )
+            sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +122,8 @@ class ResolvedModel:
         revision: the commit to load (hub) or None (local directory).
         content_hash: sha256 over a local directory's files, None for hub models.
         trust_remote_code: passed through to `from_pretrained`.
+        allow_pickle_weights: load `pytorch_model.bin`-style (pickle) weights, which
+            can run code when loaded; False: safetensors only.
     """
 
     model: str
@@ -52,6 +132,7 @@ class ResolvedModel:
     revision: str | None
     content_hash: str | None = None
     trust_remote_code: bool = False
+    allow_pickle_weights: bool = False
 
     @property
     def resolved(self) -> str:
@@ -71,16 +152,42 @@ def directory_hash(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+_SAFE_WEIGHTS = (".safetensors",)
+_PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _check_weights(model: str, files: list[str], allow_pickle_weights: bool) -> None:
+    """Rejects a model whose only weights are pickle files, unless they are allowed."""
+    names = [name.lower() for name in files]
+    if allow_pickle_weights or any(name.endswith(_SAFE_WEIGHTS) for name in names):
+        return
+    pickled = sorted(
+        f for f, name in zip(files, names, strict=True) if name.endswith(_PICKLE_WEIGHTS)
+    )
+    if pickled:
+        raise ModelError(
+            f"model {model!r} has only pickle weights ({', '.join(pickled[:3])}), which can run "
+            "code when loaded; convert them to safetensors, or set `allow_pickle_weights: true` "
+            "on the task if you trust them"
+        )
+
+
 def resolve_model(
-    model: str, revision: str | None = "main", *, trust_remote_code: bool = False
+    model: str,
+    revision: str | None = "main",
+    *,
+    trust_remote_code: bool = False,
+    allow_pickle_weights: bool = False,
 ) -> ResolvedModel:
     """Pins `model` at `revision` to a commit (hub) or a content hash (local directory).
 
-    With `HF_HUB_OFFLINE=1` the commit comes from the local cache.
+    With `HF_HUB_OFFLINE=1` the commit comes from the local cache. Transient hub
+    errors (connection errors, HTTP 429 / 5xx) are retried with backoff first.
 
     Raises:
-        ModelError: the directory, repository or revision does not exist, or the hub
-            cannot be reached and the cache does not hold it.
+        ModelError: the directory, repository or revision does not exist, the hub
+            cannot be reached and the cache does not hold it, or the model has only
+            pickle weights and `allow_pickle_weights` is off.
     """
     if os.path.isdir(model):
         if not os.path.isfile(os.path.join(model, "config.json")):
@@ -88,6 +195,7 @@ def resolve_model(
                 f"model directory {model!r} has no config.json; point `model` at a folder "
                 "written by save_pretrained()"
             )
+        _check_weights(model, os.listdir(model), allow_pickle_weights)
         return ResolvedModel(
             model=os.path.abspath(model),
             requested_revision=None,  # a directory has no revisions
@@ -95,9 +203,13 @@ def resolve_model(
             revision=None,
             content_hash=directory_hash(model),
             trust_remote_code=trust_remote_code,
+            allow_pickle_weights=allow_pickle_weights,
         )
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise ModelError(f"model directory {model!r} does not exist")
+        raise ModelError(
+            f"model directory {model!r} does not exist; point `model` at a folder written by "
+            "save_pretrained() or at a hub id (owner/name)"
+        )
 
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.constants import HF_HUB_OFFLINE
@@ -107,44 +219,58 @@ def resolve_model(
         RevisionNotFoundError,
     )
 
-    def from_cache() -> str:
+    def from_cache() -> tuple[str, list[str]]:
         # The snapshot folder of a cached revision is named after its commit.
-        return Path(snapshot_download(model, revision=revision, local_files_only=True)).name
+        folder = Path(snapshot_download(model, revision=revision, local_files_only=True))
+        return folder.name, [p.name for p in folder.iterdir()]
 
+    unreachable = None
     try:
         if HF_HUB_OFFLINE:
-            commit = from_cache()
+            commit, files = from_cache()
         else:
             try:
-                commit = HfApi().model_info(model, revision=revision).sha
+                info = retry_transient(
+                    lambda: HfApi().model_info(model, revision=revision), f"resolve {model}"
+                )
+                commit = info.sha
+                files = [s.rfilename.rsplit("/", 1)[-1] for s in info.siblings or ()]
             except (RepositoryNotFoundError, RevisionNotFoundError):
                 raise
-            except (
-                Exception
-            ) as err:  # the hub cannot be reached: use the cache, as transformers does
-                _LOG.warning("cannot reach the hub (%s); looking in the local cache", err)
-                commit = from_cache()
+            except Exception as err:
+                # The hub cannot be reached: use the cache, as transformers does.
+                unreachable = f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+                _LOG.warning("cannot reach the hub (%s); looking in the local cache", unreachable)
+                commit, files = from_cache()
     except RepositoryNotFoundError as err:
-        raise ModelError(f"model {model!r} was not found on the hub (or is private)") from err
+        raise ModelError(
+            f"model {model!r} was not found on the hub (or is private); check the id, or log "
+            "in (hf auth login, or HF_TOKEN) if it is private"
+        ) from err
     except RevisionNotFoundError as err:
-        raise ModelError(f"model {model!r} has no revision {revision!r}") from err
+        raise ModelError(
+            f"model {model!r} has no revision {revision!r}; set `revision` to a branch, tag "
+            "or commit it has (e.g. main)"
+        ) from err
     except LocalEntryNotFoundError as err:
         why = (
             "the hub is offline (HF_HUB_OFFLINE=1)"
             if HF_HUB_OFFLINE
-            else "the hub cannot be reached"
+            else f"the hub cannot be reached ({unreachable})"
         )
         raise ModelError(
             f"model {model!r} at revision {revision!r} is not in the local cache, {why}, "
             "and no local directory has that name; download it first "
-            "(huggingface-cli download) or point `model` at a directory"
+            "(hf download) or point `model` at a directory"
         ) from err
+    _check_weights(model, files, allow_pickle_weights)
     return ResolvedModel(
         model=model,
         requested_revision=revision,
         source="hub",
         revision=commit,
         trust_remote_code=trust_remote_code,
+        allow_pickle_weights=allow_pickle_weights,
     )
 
 
@@ -179,14 +305,24 @@ def resolve_dtype(requested: str, device: str) -> str:
     return requested
 
 
-def load_kwargs(model: ResolvedModel, dtype: str) -> dict:
-    """Keyword arguments for `from_pretrained` that pin the revision and dtype."""
+def load_kwargs(model: ResolvedModel, dtype: str, *, for_pipeline: bool = False) -> dict:
+    """Keyword arguments for `from_pretrained` that pin the revision and dtype.
+
+    Weights load from safetensors only, unless the model allows pickle weights.
+    `for_pipeline=True` gives the same for transformers' `pipeline(...)`, which reads
+    `use_safetensors` only inside `model_kwargs` (and silently ignores it elsewhere).
+    """
     import torch
 
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype, torch.float32)
-    kwargs = {"dtype": torch_dtype, "trust_remote_code": model.trust_remote_code}
+    kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": model.trust_remote_code}
     if model.revision is not None:
         kwargs["revision"] = model.revision
+    if not model.allow_pickle_weights:
+        if for_pipeline:
+            kwargs["model_kwargs"] = {"use_safetensors": True}
+        else:
+            kwargs["use_safetensors"] = True
     return kwargs
 
 

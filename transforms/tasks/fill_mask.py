@@ -62,7 +62,12 @@ class FillMask(TaskAdapter):
 
         # Kept for its post-processing (top k, token_str and sequence decoding), so
         # results match a direct pipeline call; tokenizing and batching are ours.
-        pipe = pipeline("fill-mask", model=model.model, device="cpu", **load_kwargs(model, dtype))
+        pipe = pipeline(
+            "fill-mask",
+            model=model.model,
+            device="cpu",
+            **load_kwargs(model, dtype, for_pipeline=True),
+        )
         if pipe.tokenizer.mask_token_id is None:
             raise ValueError(f"task {self.name!r}: the model's tokenizer has no mask token")
         pipe.model = place_model(pipe.model, device, dtype)

@@ -62,7 +62,10 @@ class TextClassification(TaskAdapter):
         # function-to-apply rules), so scores match a direct pipeline call exactly;
         # tokenizing and the forward pass are ours, batched and length-sorted.
         pipe = pipeline(
-            "text-classification", model=model.model, device="cpu", **load_kwargs(model, dtype)
+            "text-classification",
+            model=model.model,
+            device="cpu",
+            **load_kwargs(model, dtype, for_pipeline=True),
         )
         pipe.model = place_model(pipe.model, device, dtype)
         return _Runner(pipe, device, self.params)

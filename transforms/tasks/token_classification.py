@@ -72,7 +72,10 @@ class TokenClassification(TaskAdapter):
 
         # Kept for its entity aggregation, so entities match a direct pipeline call.
         pipe = pipeline(
-            "token-classification", model=model.model, device="cpu", **load_kwargs(model, dtype)
+            "token-classification",
+            model=model.model,
+            device="cpu",
+            **load_kwargs(model, dtype, for_pipeline=True),
         )
         if not pipe.tokenizer.is_fast:
             raise ValueError(

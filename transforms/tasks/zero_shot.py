@@ -86,7 +86,7 @@ class ZeroShotClassification(TaskAdapter):
             "zero-shot-classification",
             model=model.model,
             device="cpu",
-            **load_kwargs(model, dtype),
+            **load_kwargs(model, dtype, for_pipeline=True),
         )
         if pipe.entailment_id == -1:
             labels = ", ".join(pipe.model.config.label2id)
