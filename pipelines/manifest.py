@@ -343,10 +343,11 @@ def _publish_local(parts: list[PartInfo], context: RunContext) -> dict:
     kill_point("swapping")
     os.rename(build, context.output)
     shutil.rmtree(previous, ignore_errors=True)
-    shutil.rmtree(context.files_dir, ignore_errors=True)
-    for leftover in ("runs", "files", ""):  # only when no other run is staging here
-        with contextlib.suppress(OSError):
-            os.rmdir(os.path.join(context.staging_root, leftover))
+    # The staged per-file results stay (hard links to the parts, so no second copy
+    # unless keep_order merged them): a later `--resume` of the same job reuses final
+    # results too. A run without --resume, or of another job, deletes them first.
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.join(context.staging_root, "runs"))
     return manifest
 
 

@@ -122,7 +122,7 @@ def test_killed_runs_leave_old_output_and_resume_matches_uninterrupted(tmp_path,
     # 3. Resumed again: everything is staged, so nothing is recomputed; the output equals
     #    the uninterrupted run's.
     assert main([*args, "--resume"]) == 0  # in-process: no kill needed, saves a start-up
-    assert not root.exists()
+    assert sorted(p.name for p in root.iterdir()) == ["files"]  # kept for final reuse
     manifest = json.loads((output / "manifest.json").read_text())
     expected = json.loads((reference / "manifest.json").read_text())
     assert [entry["reused"] for entry in manifest["inputs"]] == [True] * len(inputs)
@@ -151,6 +151,12 @@ def test_killed_runs_leave_old_output_and_resume_matches_uninterrupted(tmp_path,
     assert pq.read_table(part).equals(pq.read_table(reference / part.name))
     assert (output / "errors.jsonl").read_text() == (reference / "errors.jsonl").read_text()
 
+    # 4. Resumed once more after the complete run: its final results are reused whole.
+    assert main([*args, "--resume"]) == 0
+    again = json.loads((output / "manifest.json").read_text())
+    assert [entry["reused"] for entry in again["inputs"]] == [True] * len(inputs)
+    assert pq.read_table(part).equals(pq.read_table(reference / part.name))
+
 
 def test_run_killed_before_swap_keeps_old_output_and_cleans_up(tmp_path, tiny_models):
     """Killed once the new output is assembled: the old one stays, and a plain rerun
@@ -169,7 +175,7 @@ def test_run_killed_before_swap_keeps_old_output_and_cleans_up(tmp_path, tiny_mo
     assert list(root.glob("runs/*/manifest.json"))  # complete, but not under the name
 
     assert main(args) == 0
-    assert not root.exists()
+    assert not list(root.glob("runs/*")) and not list(root.glob("previous-*"))
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["run_id"] != json.loads(previous["manifest.json"])["run_id"]
     assert manifest["inputs"][0]["reused"] is False
