@@ -20,6 +20,7 @@ __all__ = [
     "ResolvedModel",
     "is_transient",
     "load_kwargs",
+    "load_pipeline",
     "place_model",
     "resolve_device",
     "resolve_dtype",
@@ -340,3 +341,16 @@ def place_model(model, device: str, dtype: str):
             model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8
         )
     return model.to(device)
+
+
+def load_pipeline(task: str, model: ResolvedModel, dtype: str):
+    """A transformers pipeline for `task` on the CPU, pinned to the model's revision.
+
+    Adapters keep the pipeline for its post-processing (label names, entity
+    aggregation, …) and move its model with `place_model`.
+    """
+    from transformers import pipeline
+
+    return pipeline(
+        task, model=model.model, device="cpu", **load_kwargs(model, dtype, for_pipeline=True)
+    )

@@ -8,7 +8,7 @@ from typing import Annotated
 import pyarrow as pa
 from pydantic import Field, StrictInt
 
-from transforms.models import ResolvedModel, load_kwargs, place_model
+from transforms.models import ResolvedModel, load_pipeline, place_model
 from transforms.tasks.base import (
     Encoded,
     InvalidInput,
@@ -58,16 +58,9 @@ class FillMask(TaskAdapter):
         return [pa.field(self.name, pa.list_(FILL_TYPE))]
 
     def load(self, model: ResolvedModel, device: str, dtype: str) -> _Runner:
-        from transformers import pipeline
-
         # Kept for its post-processing (top k, token_str and sequence decoding), so
         # results match a direct pipeline call; tokenizing and batching are ours.
-        pipe = pipeline(
-            "fill-mask",
-            model=model.model,
-            device="cpu",
-            **load_kwargs(model, dtype, for_pipeline=True),
-        )
+        pipe = load_pipeline("fill-mask", model, dtype)
         if pipe.tokenizer.mask_token_id is None:
             raise ValueError(f"task {self.name!r}: the model's tokenizer has no mask token")
         pipe.model = place_model(pipe.model, device, dtype)

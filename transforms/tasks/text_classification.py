@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import pyarrow as pa
 from pydantic import Field, StrictInt
 
-from transforms.models import ResolvedModel, load_kwargs, place_model
+from transforms.models import ResolvedModel, load_pipeline, place_model
 from transforms.tasks.base import (
     Encoded,
     Params,
@@ -56,17 +56,10 @@ class TextClassification(TaskAdapter):
         ]
 
     def load(self, model: ResolvedModel, device: str, dtype: str) -> _Runner:
-        from transformers import pipeline
-
         # The pipeline object is kept for its post-processing (label names, the
         # function-to-apply rules), so scores match a direct pipeline call exactly;
         # tokenizing and the forward pass are ours, batched and length-sorted.
-        pipe = pipeline(
-            "text-classification",
-            model=model.model,
-            device="cpu",
-            **load_kwargs(model, dtype, for_pipeline=True),
-        )
+        pipe = load_pipeline("text-classification", model, dtype)
         pipe.model = place_model(pipe.model, device, dtype)
         return _Runner(pipe, device, self.params)
 

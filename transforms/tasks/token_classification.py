@@ -9,7 +9,7 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import Field
 
-from transforms.models import ResolvedModel, load_kwargs, place_model
+from transforms.models import ResolvedModel, load_pipeline, place_model
 from transforms.tasks.base import (
     Encoded,
     Params,
@@ -68,15 +68,8 @@ class TokenClassification(TaskAdapter):
         return [pa.field(self.name, pa.list_(ENTITY_TYPE))]
 
     def load(self, model: ResolvedModel, device: str, dtype: str) -> _Runner:
-        from transformers import pipeline
-
         # Kept for its entity aggregation, so entities match a direct pipeline call.
-        pipe = pipeline(
-            "token-classification",
-            model=model.model,
-            device="cpu",
-            **load_kwargs(model, dtype, for_pipeline=True),
-        )
+        pipe = load_pipeline("token-classification", model, dtype)
         if not pipe.tokenizer.is_fast:
             raise ValueError(
                 f"task {self.name!r}: character offsets need a fast tokenizer "

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import pyarrow as pa
 from pydantic import Field, StrictBool, field_validator
 
-from transforms.models import ResolvedModel, load_kwargs, place_model
+from transforms.models import ResolvedModel, load_pipeline, place_model
 from transforms.tasks.base import Encoded, Params, TaskAdapter, model_max_length
 
 __all__ = ["ZeroShotClassification", "ZeroShotClassificationParams"]
@@ -78,16 +78,9 @@ class ZeroShotClassification(TaskAdapter):
         ]
 
     def load(self, model: ResolvedModel, device: str, dtype: str) -> _Runner:
-        from transformers import pipeline
-
         # Kept for its entailment-label lookup and its scoring (postprocess), so labels
         # and scores match a direct pipeline call; tokenizing and batching are ours.
-        pipe = pipeline(
-            "zero-shot-classification",
-            model=model.model,
-            device="cpu",
-            **load_kwargs(model, dtype, for_pipeline=True),
-        )
+        pipe = load_pipeline("zero-shot-classification", model, dtype)
         if pipe.entailment_id == -1:
             labels = ", ".join(pipe.model.config.label2id)
             raise ValueError(
