@@ -20,7 +20,16 @@ from transforms.chunks import ERRORS_COLUMN, ERRORS_TYPE, Chunk, TaskStats
 from transforms.models import ResolvedModel, resolve_device, resolve_dtype, retry_transient
 from transforms.tasks.base import InvalidInput, Runner, TaskAdapter
 
-__all__ = ["BatchLimit", "EnrichTables", "TaskBinding", "add_task_columns", "run_task"]
+__all__ = [
+    "BatchLimit",
+    "EnrichTables",
+    "LoadedModel",
+    "TaskBinding",
+    "add_task_columns",
+    "apply_task",
+    "load_task",
+    "run_task",
+]
 
 _LOG = logging.getLogger(__name__)
 
@@ -58,10 +67,12 @@ class TaskBinding:
         return self.adapter.name
 
 
-class _LoadedModel:
-    """A loaded task and its batch-size memory; shared by threads or, behind a proxy,
-    by processes, so its interface is methods that take and return plain data (one
-    call per chunk)."""
+class LoadedModel:
+    """A loaded task (see `load_task`) and its batch-size memory.
+
+    Shared by threads or, behind a proxy, by processes, so its interface is methods
+    that take and return plain data (one call per chunk).
+    """
 
     def __init__(self, runner: Runner, device: str, dtype: str):
         self.runner = runner
@@ -280,6 +291,63 @@ def _gpu_for_this_process(device: str) -> str:
     return f"cuda:{os.getpid() % count}"
 
 
+def load_task(task: TaskBinding) -> LoadedModel:
+    """Loads a task's model on this machine: device and dtype decided here, with retries.
+
+    Raises:
+        Exception: whatever loading the model raises after transient errors were retried.
+    """
+    device = resolve_device(_gpu_for_this_process(task.device))
+    dtype = resolve_dtype(task.dtype, device)
+    if device == "cpu" and task.cpu_threads:
+        import torch
+
+        torch.set_num_threads(task.cpu_threads)
+    from transformers.utils import logging as hf_logging
+
+    # Worker logs are for problems; a per-load weights progress bar is noise there.
+    hf_logging.disable_progress_bar()
+    started = time.perf_counter()
+    # Hub downloads can fail transiently (connection errors, HTTP 429 / 5xx).
+    runner = retry_transient(
+        lambda: task.adapter.load(task.model, device, dtype), f"load {task.model.model}"
+    )
+    _LOG.info(
+        "task %s: loaded %s (%s) on %s/%s in %.1fs",
+        task.name,
+        task.model.model,
+        task.model.resolved,
+        device,
+        dtype,
+        time.perf_counter() - started,
+    )
+    return LoadedModel(runner, device, dtype)
+
+
+def apply_task(
+    task: TaskBinding, loaded: LoadedModel, table: pa.Table
+) -> tuple[pa.Table, TaskStats]:
+    """Runs a loaded task over one table: the table with the task's columns, and its stats."""
+    adapter = task.adapter
+    columns = {name: table.column(name).to_pylist() for name in adapter.read_columns()}
+    started = time.perf_counter()
+    inputs = adapter.row_inputs(columns)
+    results, errors, truncated = loaded.run(inputs, task.max_batch_tokens, task.inference_timeout_s)
+    seconds = time.perf_counter() - started
+    table = add_task_columns(table, task.name, adapter.fields(), results, errors)
+    device, dtype = loaded.placement()
+    stats = TaskStats(
+        task=task.name,
+        rows=len(inputs),
+        failed=sum(error is not None for error in errors),
+        truncated=truncated,
+        seconds=seconds,
+        device=device,
+        dtype=dtype,
+    )
+    return table, stats
+
+
 class _EnrichDoFn(beam.DoFn):
     def __init__(self, task: TaskBinding, shared_handle: shared.Shared):
         self._task = task
@@ -289,33 +357,8 @@ class _EnrichDoFn(beam.DoFn):
         self._failed = beam.metrics.Metrics.counter("beam_enrich", f"{prefix}_failed_rows")
         self._batch_ms = beam.metrics.Metrics.distribution("beam_enrich", f"{prefix}_chunk_ms")
 
-    def _load(self) -> _LoadedModel:
-        task = self._task
-        device = resolve_device(_gpu_for_this_process(task.device))
-        dtype = resolve_dtype(task.dtype, device)
-        if device == "cpu" and task.cpu_threads:
-            import torch
-
-            torch.set_num_threads(task.cpu_threads)
-        from transformers.utils import logging as hf_logging
-
-        # Worker logs are for problems; a per-load weights progress bar is noise there.
-        hf_logging.disable_progress_bar()
-        started = time.perf_counter()
-        # Hub downloads can fail transiently (connection errors, HTTP 429 / 5xx).
-        runner = retry_transient(
-            lambda: task.adapter.load(task.model, device, dtype), f"load {task.model.model}"
-        )
-        _LOG.info(
-            "task %s: loaded %s (%s) on %s/%s in %.1fs",
-            task.name,
-            task.model.model,
-            task.model.resolved,
-            device,
-            dtype,
-            time.perf_counter() - started,
-        )
-        return _LoadedModel(runner, device, dtype)
+    def _load(self) -> LoadedModel:
+        return load_task(self._task)
 
     def setup(self):
         task = self._task
@@ -331,32 +374,12 @@ class _EnrichDoFn(beam.DoFn):
         else:
             # One model per process, shared by the process's threads.
             self._loaded = self._shared.acquire(self._load, tag=key)
-        self._placement = self._loaded.placement()
 
     def process(self, chunk: Chunk) -> Iterator[Chunk]:
-        task = self._task
-        adapter = task.adapter
-        columns = {name: chunk.table.column(name).to_pylist() for name in adapter.read_columns()}
-        started = time.perf_counter()
-        inputs = adapter.row_inputs(columns)
-        results, errors, truncated = self._loaded.run(
-            inputs, task.max_batch_tokens, task.inference_timeout_s
-        )
-        seconds = time.perf_counter() - started
-        table = add_task_columns(chunk.table, task.name, task.adapter.fields(), results, errors)
-        failed = sum(error is not None for error in errors)
-        self._rows.inc(len(inputs))
-        self._failed.inc(failed)
-        self._batch_ms.update(int(seconds * 1000))
-        stats = TaskStats(
-            task=task.name,
-            rows=len(inputs),
-            failed=failed,
-            truncated=truncated,
-            seconds=seconds,
-            device=self._placement[0],
-            dtype=self._placement[1],
-        )
+        table, stats = apply_task(self._task, self._loaded, chunk.table)
+        self._rows.inc(stats.rows)
+        self._failed.inc(stats.failed)
+        self._batch_ms.update(int(stats.seconds * 1000))
         yield dataclasses.replace(chunk, table=table, stats=(*chunk.stats, stats))
 
 
