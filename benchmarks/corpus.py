@@ -29,6 +29,36 @@ def paragraphs(limit: int | None = None) -> list[str]:
     return result[:limit] if limit else result
 
 
+def sentence_pairs(count: int) -> list[str]:
+    """`count` distinct rows, each two sentences of the corpus, for runs larger than it.
+
+    Row j joins sentence j mod N with the one `1 + j // N` places after it (N sentences),
+    so every row is two sentences long whatever `count` is: the 10k-row and the 100k-row
+    inputs have the same length spread, and no string repeats.
+
+    Raises:
+        ValueError: the corpus has too few sentences for `count` distinct rows.
+    """
+    sentences = list(
+        {
+            sentence: None
+            for paragraph in paragraphs()
+            for sentence in re.split(r"(?<=[.!?])\s+", paragraph)
+            if len(sentence.split()) >= 4
+        }
+    )
+    total = len(sentences)
+    if count > total * (total - 1):
+        raise ValueError(f"{count} rows asked for; the corpus makes at most {total * (total - 1)}")
+    rows = {}
+    for j in range(count):
+        first = j % total
+        rows[f"{sentences[first]} {sentences[(first + 1 + j // total) % total]}"] = None
+    if len(rows) < count:
+        raise ValueError(f"only {len(rows)} of {count} rows are distinct")
+    return list(rows)
+
+
 def _docstrings() -> list[str]:
     import argparse
     import collections

