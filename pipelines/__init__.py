@@ -1,4 +1,4 @@
-"""beam-enrich runnable pipelines: CLI, job spec, manifest."""
+"""beam-enrich runnable pipelines: CLI, job spec, manifest, notebook API."""
 
 import logging
 
@@ -10,3 +10,18 @@ def _not_beam_gcp_notice(record: logging.LogRecord) -> bool:
 
 
 logging.getLogger().addFilter(_not_beam_gcp_notice)
+
+__all__ = ["clear_model_cache", "enrich_dataframe", "enrich_table"]
+
+_NOTEBOOK_API = frozenset(__all__)
+
+
+def __getattr__(name: str):
+    # Imported on first use: `pipelines.spec` and the CLI need not pay for the notebook
+    # module, and `python -m pipelines.enrich` must not find pipelines.enrich imported
+    # by the package already.
+    if name in _NOTEBOOK_API:
+        from pipelines import notebook
+
+        return getattr(notebook, name)
+    raise AttributeError(f"module 'pipelines' has no attribute {name!r}")

@@ -3,6 +3,8 @@
     beam-enrich --input 'data/*.parquet' --output out/run1 --spec job.yaml \\
                 [--output-format parquet|csv] [any Beam option: --runner, --project, …]
     beam-enrich validate --spec job.yaml --input FILES
+    beam-enrich spec-schema [--output FILE]
+    beam-enrich download --spec job.yaml --cache DIR
     beam-enrich make-test-models DIR
 
 Everything that can be checked before data is read is checked in `prepare_job`: the
@@ -13,18 +15,22 @@ exits with code 2 and a one-paragraph message, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import re
+import shutil
 import sys
 import traceback
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import apache_beam as beam
 import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
@@ -39,23 +45,26 @@ from pipelines.manifest import (
     reusable_parts,
     spec_fingerprint,
 )
+from pipelines.progress import show_progress
 from pipelines.spec import JobSpec, SpecError, load_spec
 from transforms.chunks import ERRORS_COLUMN, ERRORS_TYPE
-from transforms.enrich import EnrichTables, TaskBinding
+from transforms.enrich import DEFAULT_MAX_BATCH_TOKENS, EnrichTables, TaskBinding
 from transforms.io import (
     FORMATS,
     InputError,
+    PartInfo,
     ReadTables,
     WriteTables,
     expand_inputs,
     file_sha256,
+    iter_tables,
     neutralize_chunk_formulas,
     read_schema,
     table_format,
 )
-from transforms.models import ModelError, resolve_model
+from transforms.models import ModelError, ResolvedModel, resolve_model, worker_file_patterns
 
-__all__ = ["Job", "build", "main", "prepare_job", "run"]
+__all__ = ["Job", "bind_tasks", "build", "job_spec_schema", "main", "prepare_job", "run"]
 
 _LOG = logging.getLogger("beam_enrich")
 
@@ -69,12 +78,15 @@ class Job:
         files: every input file, sorted.
         bindings: one per task: adapter, pinned model, column, placement.
         context: what the manifest records (inputs with sha256, tasks, options, …).
+        row_limits: file index -> rows to read from it (`--limit`); files not named are
+            read whole.
     """
 
     spec: JobSpec
     files: list[str]
     bindings: list[TaskBinding]
     context: RunContext
+    row_limits: dict[int, int] = dataclasses.field(default_factory=dict)
 
 
 def prepare_job(
@@ -87,11 +99,14 @@ def prepare_job(
     options: PipelineOptions | None = None,
     resume: bool = False,
     csv_neutralize_formulas: bool = False,
+    limit: int | None = None,
 ) -> Job:
     """Checks a job against its inputs and pins its models, before any row is read.
 
     With `resume`, input files whose results an interrupted run of the same job (same
     `spec_fingerprint`, same path and sha256) staged are reused, not read again.
+    With `limit`, the job covers only the first `limit` rows in input order (files in
+    sorted order, rows in file order); files past them are not opened.
 
     Raises:
         InputError: no input file matches, formats or schemas disagree, a column is
@@ -99,51 +114,17 @@ def prepare_job(
         ModelError: a model or revision cannot be found.
     """
     files = expand_inputs(inputs)
+    row_limits: dict[int, int] = {}
+    if limit is not None:
+        files, row_limits = _files_within_limit(files, limit)
     schema = _common_schema(files)
     if output_format is None:
         formats = {table_format(path) for path in files}
         output_format = formats.pop() if len(formats) == 1 else "parquet"
 
-    bindings = []
-    added: list[pa.Field] = []
-    for task in spec.tasks:
-        adapter = spec.adapter(task)
-        # A task may read the input's columns and those of the tasks before it.
-        available = [*schema.names, *(field.name for field in added)]
-        for column in adapter.read_columns():
-            if column not in available:
-                raise InputError(
-                    f"task {task.name!r} reads column {column!r}, which the input does not "
-                    f"have; columns: {', '.join(available)} (set `input:` or `text_column:`)"
-                )
-        _check_text_type(task.name, adapter.input_column, schema)
-        model = resolve_model(
-            task.model_id,
-            task.revision,
-            trust_remote_code=task.trust_remote_code,
-            allow_pickle_weights=task.allow_pickle_weights,
-        )
-        bindings.append(
-            TaskBinding(
-                adapter=adapter,
-                model=model,
-                device=task.device,
-                dtype=task.dtype,
-                max_batch_tokens=task.max_batch_tokens,
-                inference_timeout_s=task.inference_timeout_s,
-                share_model=task.share_model,
-                cpu_threads=_cpu_threads_per_process(options),
-            )
-        )
-        added.extend(adapter.fields())
-    added.append(pa.field(ERRORS_COLUMN, ERRORS_TYPE))
-    clashes = [field.name for field in added if field.name in schema.names]
-    if clashes:
-        raise InputError(
-            f"the input already has column(s) {clashes} that the tasks would add; "
-            "rename the tasks (their `name` prefixes the columns) or drop those columns"
-        )
-    output_schema = pa.schema([*schema, *added])
+    bindings, output_schema = bind_tasks(
+        spec, schema, cpu_threads=_cpu_threads_per_process(options)
+    )
 
     options = options or PipelineOptions([])
     run_id = dt_run_id()
@@ -173,12 +154,135 @@ def prepare_job(
             output_format,
             output_schema,
             {"csv_neutralize_formulas": context.csv_neutralize_formulas},
+            limit=limit,
         ),
+        limit=limit,
     )
     if resume:
         reused = reusable_parts(context)
         context = dataclasses.replace(context, reused=tuple(reused[i] for i in sorted(reused)))
-    return Job(spec=spec, files=files, bindings=bindings, context=context)
+    context = dataclasses.replace(
+        context, rows_total=_rows_to_enrich(files, context.reused, row_limits)
+    )
+    return Job(spec=spec, files=files, bindings=bindings, context=context, row_limits=row_limits)
+
+
+def _files_within_limit(files: list[str], limit: int) -> tuple[list[str], dict[int, int]]:
+    """The files that hold the first `limit` rows, and how many rows to read from the last."""
+    if limit < 1:
+        raise InputError(f"--limit {limit}: give a positive number of rows")
+    remaining = limit
+    for index, path in enumerate(files):
+        rows = _count_rows(path, at_most=remaining)
+        if rows >= remaining:
+            return files[: index + 1], {index: remaining}
+        remaining -= rows
+    return files, {}
+
+
+def _count_rows(path: str, *, at_most: int) -> int:
+    """Rows in one input file, counted no further than `at_most` (at least that many)."""
+    if table_format(path) == "parquet":
+        # The footer has the count: no data page is read.
+        try:
+            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+                return pq.ParquetFile(handle).metadata.num_rows
+        except (pa.ArrowInvalid, OSError) as err:
+            raise InputError(
+                f"cannot read {path}: {' '.join(str(err).split())[:300]}; fix the file or "
+                "leave it out of --input"
+            ) from err
+    rows = 0
+    # CSV has no count: stream it, and stop as soon as the limit is reached.
+    with contextlib.closing(iter_tables(path, min(at_most, 65_536))) as tables:
+        for table in tables:
+            rows += table.num_rows
+            if rows >= at_most:
+                break
+    return rows
+
+
+def _rows_to_enrich(
+    files: Sequence[str], reused: Sequence[PartInfo], row_limits: dict[int, int]
+) -> int | None:
+    """The rows a run enriches, for its progress: reused inputs left out, `--limit` applied.
+
+    None when an input is remote (counting it would read it over the network) or cannot
+    be read (the run reports that itself, naming the file).
+    """
+    skipped = {part.first[0] for part in reused}
+    pending = [(index, path) for index, path in enumerate(files) if index not in skipped]
+    if any("://" in path for _, path in pending):
+        return None
+    total = 0
+    try:
+        for index, path in pending:
+            at_most = row_limits.get(index, sys.maxsize)
+            total += min(_count_rows(path, at_most=at_most), at_most)
+    except InputError:
+        return None
+    return total
+
+
+def bind_tasks(
+    spec: JobSpec, schema: pa.Schema, *, cpu_threads: int | None = None
+) -> tuple[list[TaskBinding], pa.Schema]:
+    """Checks each task against the input columns and pins its model.
+
+    Args:
+        spec: the validated job spec.
+        schema: the input's columns and types.
+        cpu_threads: torch intra-op threads per process on CPU; None keeps torch's default.
+
+    Returns:
+        (bindings, output_schema): one binding per task, in spec order, and the output's
+        schema: the input columns, each task's columns, then `enrich_errors`.
+
+    Raises:
+        InputError: a column is missing or not text, or a task would overwrite an input
+            column.
+        ModelError: a model or revision cannot be found.
+    """
+    bindings = []
+    added: list[pa.Field] = []
+    for task in spec.tasks:
+        adapter = spec.adapter(task)
+        # A task may read the input's columns and those of the tasks before it.
+        available = [*schema.names, *(field.name for field in added)]
+        for column in adapter.read_columns():
+            if column not in available:
+                raise InputError(
+                    f"task {task.name!r} reads column {column!r}, which the input does not "
+                    f"have; columns: {', '.join(available)} (set `input:` or `text_column:`)"
+                )
+        _check_text_type(task.name, adapter.input_column, schema)
+        model = resolve_model(
+            task.model_id,
+            task.revision,
+            trust_remote_code=task.trust_remote_code,
+            allow_pickle_weights=task.allow_pickle_weights,
+        )
+        bindings.append(
+            TaskBinding(
+                adapter=adapter,
+                model=model,
+                device=task.device,
+                dtype=task.dtype,
+                max_batch_tokens=task.max_batch_tokens,
+                inference_timeout_s=task.inference_timeout_s,
+                share_model=task.share_model,
+                cpu_threads=cpu_threads,
+            )
+        )
+        added.extend(adapter.fields())
+    added.append(pa.field(ERRORS_COLUMN, ERRORS_TYPE))
+    clashes = [field.name for field in added if field.name in schema.names]
+    if clashes:
+        raise InputError(
+            f"the input already has column(s) {clashes} that the tasks would add; "
+            "rename the tasks (their `name` prefixes the columns) or drop those columns"
+        )
+    return bindings, pa.schema([*schema, *added])
 
 
 def _cpu_threads_per_process(options: PipelineOptions | None) -> int | None:
@@ -252,7 +356,9 @@ def _describe_task(spec: JobSpec, binding: TaskBinding) -> dict:
         "device": task.device,
         "dtype": task.dtype,
         "batching": {
+            # None: the device's default, DEFAULT_MAX_BATCH_TOKENS.
             "max_batch_tokens": task.max_batch_tokens,
+            "max_batch_tokens_default": DEFAULT_MAX_BATCH_TOKENS,
             "rows_per_chunk": spec.rows_per_chunk,
         },
         "columns": [field.name for field in binding.adapter.fields()],
@@ -266,17 +372,17 @@ def _runner_name(options: PipelineOptions) -> str:
 def build(pipeline: beam.Pipeline, job: Job) -> None:
     """Adds the job's steps to `pipeline`: read, enrich with each task, write, finalize."""
     spec = job.spec
-    chunks = (
-        pipeline
-        | "ReadInput"
-        >> ReadTables(
-            job.files,
-            rows_per_chunk=spec.rows_per_chunk,
-            skip=[part.first[0] for part in job.context.reused],
-        )
-        # Chunks of one file come from one reader; spread them before inference.
-        | "SpreadChunks" >> beam.Reshuffle()
+    chunks = pipeline | "ReadInput" >> ReadTables(
+        job.files,
+        rows_per_chunk=spec.rows_per_chunk,
+        skip=[part.first[0] for part in job.context.reused],
+        row_limits=job.row_limits,
     )
+    if not _runs_locally(job.context.runner):
+        # Chunks of one file come from one reader; spread them over the workers before
+        # inference. Local runners hold a shuffle's data in memory, so there each input
+        # file streams through read, enrich and write instead (files in parallel).
+        chunks = chunks | "SpreadChunks" >> beam.Reshuffle()
     for binding in job.bindings:
         chunks = chunks | f"Enrich[{binding.name}]" >> EnrichTables(binding)
     context = job.context
@@ -296,6 +402,14 @@ def build(pipeline: beam.Pipeline, job: Job) -> None:
     )
 
 
+#: Runners that run the pipeline in this machine's memory.
+_LOCAL_RUNNERS = {"DirectRunner", "FnApiRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner"}
+
+
+def _runs_locally(runner: str) -> bool:
+    return runner.startswith("FnApiRunner") or runner.rsplit(".", 1)[-1] in _LOCAL_RUNNERS
+
+
 def _make_pipeline(options: PipelineOptions) -> beam.Pipeline:
     if options.view_as(StandardOptions).runner:
         return beam.Pipeline(options=options)
@@ -306,8 +420,15 @@ def _make_pipeline(options: PipelineOptions) -> beam.Pipeline:
     return beam.Pipeline(runner=FnApiRunner(), options=options)
 
 
-def run(argv: Sequence[str] | None = None) -> beam.runners.runner.PipelineResult:
-    """Runs one enrichment job and waits for it.
+def run(
+    argv: Sequence[str] | None = None, *, progress_interval_s: float = 10.0
+) -> beam.runners.runner.PipelineResult:
+    """Runs one enrichment job and waits for it, showing its progress on local runs.
+
+    Args:
+        argv: the command line, without the program name; default `sys.argv[1:]`.
+        progress_interval_s: seconds between two progress lines when stderr is not a
+            terminal (a terminal gets live bars).
 
     Raises:
         SpecError, InputError, ModelError: the job cannot start (see `prepare_job`).
@@ -325,13 +446,43 @@ def run(argv: Sequence[str] | None = None) -> beam.runners.runner.PipelineResult
         options=options,
         resume=args.resume,
         csv_neutralize_formulas=args.csv_neutralize_formulas,
+        limit=args.limit,
     )
     prepare_output(job.context, resume=args.resume)
+    progress_root = _progress_root(job.context)
+    progress_dir = None
+    if progress_root is not None and not args.quiet:
+        progress_dir = os.path.join(progress_root, job.context.run_id)
+        bindings = [dataclasses.replace(b, progress_dir=progress_dir) for b in job.bindings]
+        job = dataclasses.replace(job, bindings=bindings)
     pipeline = _make_pipeline(options)
     build(pipeline, job)
-    result = pipeline.run()
-    result.wait_until_finish()
+    progress = show_progress(
+        progress_dir,
+        [binding.name for binding in job.bindings],
+        job.context.rows_total,
+        quiet=args.quiet,
+        interval_s=progress_interval_s,
+    )
+    try:
+        with progress:
+            result = pipeline.run()
+            result.wait_until_finish()
+    finally:
+        if progress_root is not None:
+            # Killed runs' folders go too: two runs on one output at once are not supported.
+            shutil.rmtree(progress_root, ignore_errors=True)
     return result
+
+
+def _progress_root(context: RunContext) -> str | None:
+    """Where workers publish live progress, per run: local runs with a local output only.
+
+    Elsewhere workers may not share the driver's disk; Beam metrics report progress there.
+    """
+    if "://" in context.output or not _runs_locally(context.runner):
+        return None
+    return os.path.join(context.staging_root, "progress")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -340,6 +491,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Enrich Parquet or CSV files with Hugging Face models on Apache Beam. "
         "Any other --option is passed to Beam (e.g. --runner DataflowRunner --project P).",
         epilog="Also: beam-enrich validate --spec job.yaml --input FILES (checks only); "
+        "beam-enrich spec-schema [--output FILE] (the job spec's JSON Schema, for editors); "
+        "beam-enrich download --spec job.yaml --cache DIR (models for offline workers); "
         "beam-enrich make-test-models DIR (tiny offline models for tests).",
     )
     parser.add_argument(
@@ -369,7 +522,30 @@ def _parser() -> argparse.ArgumentParser:
         help="CSV output: prefix ' to text cells starting with = + - @ tab or CR, so "
         "spreadsheets do not run them as formulas (input and task columns alike)",
     )
+    parser.add_argument(
+        "--limit",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="enrich only the first N rows (files in sorted order, rows in file order), "
+        "to try a spec before the full run",
+    )
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress, no summary line and no warnings: errors only",
+    )
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of rows, got {text!r}")
+    return value
 
 
 _INPUT_ERROR = re.compile(r"InputError: (cannot read [^\n]*)")
@@ -394,7 +570,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv[:1] == ["validate"]:
             return _validate(argv[1:])
-        run(argv)
+        if argv[:1] == ["spec-schema"]:
+            return _spec_schema(argv[1:])
+        if argv[:1] == ["download"]:
+            return _download(argv[1:])
+        quiet = _parser().parse_known_args(argv)[0].quiet
+        with _errors_only() if quiet else contextlib.nullcontext():
+            run(argv)
     except SpecError as err:
         print(f"beam-enrich: error: {err}", file=sys.stderr)
         return 2
@@ -418,8 +600,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    _print_summary(_parser().parse_known_args(argv)[0].output)
+    if not quiet:
+        _print_summary(_parser().parse_known_args(argv)[0].output)
     return 0
+
+
+@contextlib.contextmanager
+def _errors_only() -> Iterator[None]:
+    """`--quiet`: Beam's and transformers' warnings are dropped too, for the run only."""
+    # transformers logs through its own handler, not the root logger's.
+    loggers = [logging.getLogger(), logging.getLogger("transformers")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _validate(argv: Sequence[str]) -> int:
@@ -439,6 +637,119 @@ def _validate(argv: Sequence[str]) -> int:
             f"with {task['model']} @ {task['resolved_revision']} -> {', '.join(task['columns'])}"
         )
     return 0
+
+
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
+def job_spec_schema() -> dict:
+    """The JSON Schema of a job spec (pydantic's, draft 2020-12), for editors and validators."""
+    schema = JobSpec.model_json_schema()
+    schema.pop("title", None)
+    return {"$schema": JSON_SCHEMA_DIALECT, "title": "beam-enrich job spec", **schema}
+
+
+def _spec_schema(argv: Sequence[str]) -> int:
+    """`beam-enrich spec-schema`: the job spec's JSON Schema, printed or written to a file."""
+    parser = argparse.ArgumentParser(
+        prog="beam-enrich spec-schema",
+        description="Print the JSON Schema of a job spec, for editor completion and checks "
+        "(YAML: first line `# yaml-language-server: $schema=FILE`).",
+    )
+    parser.add_argument("--output", help="write the schema to this file instead of stdout")
+    args = parser.parse_args(argv)
+    text = json.dumps(job_spec_schema(), indent=2, ensure_ascii=False) + "\n"
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    try:
+        with open(args.output, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    except OSError as err:
+        raise InputError(
+            f"cannot write {args.output}: {err.strerror}; name a file in a folder that exists"
+        ) from None
+    print(f"beam-enrich: job spec schema written to {args.output}")
+    return 0
+
+
+def _download(argv: Sequence[str]) -> int:
+    """`beam-enrich download`: every hub model of a spec, at its pinned commit, into a cache."""
+    parser = argparse.ArgumentParser(
+        prog="beam-enrich download",
+        description="Fetch every hub model of a job spec at the commit its revision resolves "
+        "to, into a Hugging Face cache that workers without network use with "
+        "HF_HUB_CACHE=DIR HF_HUB_OFFLINE=1. Local-directory models are skipped.",
+    )
+    parser.add_argument("--spec", required=True, help="job spec (YAML)")
+    parser.add_argument("--cache", required=True, help="cache folder (created if missing)")
+    args = parser.parse_args(argv)
+    spec = load_spec(args.spec)
+    cache = os.path.abspath(os.path.expanduser(args.cache))
+    fetched = 0
+    for task in spec.tasks:
+        model = resolve_model(
+            task.model_id,
+            task.revision,
+            trust_remote_code=task.trust_remote_code,
+            allow_pickle_weights=task.allow_pickle_weights,
+            cache_dir=cache,
+        )
+        if model.source == "local":
+            print(f"  {task.name}: {model.model} is a local directory; skipped (ship it yourself)")
+            continue
+        folder = _fetch_snapshot(model, cache)
+        fetched += 1
+        print(
+            f"  {task.name}: {model.model} @ {model.requested_revision} = {model.revision} "
+            f"-> {folder}"
+        )
+    print(
+        f"beam-enrich: {fetched} hub model(s) in {cache}; on the driver and every worker set\n"
+        f"  HF_HUB_CACHE={cache}\n  HF_HUB_OFFLINE=1"
+    )
+    return 0
+
+
+def _fetch_snapshot(model: ResolvedModel, cache: str) -> str:
+    """Downloads the files workers load at the model's commit; returns the snapshot folder.
+
+    Raises:
+        ModelError: the download fails, or the revision moved while it ran.
+    """
+    from huggingface_hub import HfApi, constants, snapshot_download
+
+    try:
+        folder = snapshot_download(
+            model.model, revision=model.revision, cache_dir=cache, **worker_file_patterns(model)
+        )
+        pinned = model.revision
+        if model.requested_revision != model.revision:
+            # A download by commit records no branch or tag; an offline driver resolves
+            # the spec's revision through the cache's refs/, so record it there.
+            pinned = (
+                HfApi()
+                .resolve_revision(
+                    model.model,
+                    revision=model.requested_revision,
+                    cache_dir=cache,
+                    local_files_only=constants.HF_HUB_OFFLINE,
+                )
+                .resolved
+            )
+    except Exception as err:
+        reason = " ".join(str(err).split())[:300]
+        raise ModelError(
+            f"cannot download {model.model} at {model.revision} into {cache} "
+            f"({type(err).__name__}: {reason}); check the network, the disk and access to "
+            "the model (HF_TOKEN), then run download again"
+        ) from err
+    if pinned != model.revision:
+        raise ModelError(
+            f"{model.model} revision {model.requested_revision!r} moved from {model.revision} "
+            f"to {pinned} during the download; run download again"
+        )
+    return folder
 
 
 def _print_summary(output: str) -> None:

@@ -13,6 +13,7 @@ import glob
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import re
@@ -21,14 +22,14 @@ from collections import Counter
 from collections.abc import Sequence
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
+from pipelines.report import REPORT, summarize_output, write_report
 from transforms.io import (
     InputError,
     PartInfo,
-    csv_schema,
+    concatenate_files,
+    concatenate_parts,
     kill_point,
     staged_parts,
     write_table,
@@ -52,6 +53,7 @@ ERRORS_FILE = "errors.jsonl"
 _MIME = "application/octet-stream"
 _STAGING_SUFFIX = ".beam-enrich"
 _SECRET = re.compile(r"token|secret|password|passwd|credential|api_?key|private_key", re.I)
+_LOG = logging.getLogger(__name__)
 
 
 def redact(options: dict) -> dict:
@@ -122,6 +124,9 @@ class RunContext:
         reused: parts of input files reused from an interrupted run (`--resume`).
         csv_neutralize_formulas: string cells that start like a formula were prefixed
             with `'` in the CSV output (`--csv-neutralize-formulas`).
+        limit: the run covers only the first `limit` input rows (`--limit`); None: all.
+        rows_total: the rows this run enriches (inputs reused by `--resume` left out),
+            for progress; None when unknown (inputs on remote filesystems).
     """
 
     run_id: str
@@ -138,6 +143,8 @@ class RunContext:
     fingerprint: str = ""
     reused: tuple[PartInfo, ...] = ()
     csv_neutralize_formulas: bool = False
+    limit: int | None = None
+    rows_total: int | None = None
 
     @property
     def staging_root(self) -> str:
@@ -175,13 +182,16 @@ def spec_fingerprint(
     output_format: str,
     output_schema: pa.Schema,
     output_options: dict | None = None,
+    *,
+    limit: int | None = None,
 ) -> str:
     """sha256 of everything that can change an output row's values, as canonical JSON.
 
     Conservatively the whole spec (batching settings included: padding changes float
     noise), each model's resolved commit or content hash, the output format and schema,
-    command-line options that change cells (`output_options`), and the versions of the
-    libraries that compute the values.
+    command-line options that change cells (`output_options`), the row limit
+    (`--limit`: a resumed run never mixes limited and full results), and the versions of
+    the libraries that compute the values.
     """
     payload = {
         "output_options": output_options or {},
@@ -191,12 +201,15 @@ def spec_fingerprint(
         "output_schema": output_schema.to_string(show_schema_metadata=False),
         "versions": versions(),
     }
+    if limit is not None:  # absent when unlimited: full runs keep their fingerprints
+        payload["limit"] = limit
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def _existing_outputs(output: str) -> list[str]:
-    patterns = [FileSystems.join(output, name) for name in (MANIFEST, ERRORS_FILE, "part-*")]
+    names = (MANIFEST, ERRORS_FILE, REPORT, "part-*")
+    patterns = [FileSystems.join(output, name) for name in names]
     found = []
     for result in FileSystems.match(patterns):
         found.extend(m.path for m in result.metadata_list)
@@ -204,20 +217,12 @@ def _existing_outputs(output: str) -> list[str]:
     return sorted(found, key=lambda path: not path.endswith(MANIFEST))
 
 
-def _concatenate(sources: Sequence[str], destination: str) -> None:
-    with FileSystems.create(destination, _MIME) as out:
-        for source in sources:
-            with FileSystems.open(source, _MIME) as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    out.write(block)
-
-
 def _is_local(path: str) -> bool:
     return "://" not in path
 
 
 def _own_name(name: str) -> bool:
-    return name in (MANIFEST, ERRORS_FILE, "_temporary") or name.startswith("part-")
+    return name in (MANIFEST, ERRORS_FILE, REPORT, "_temporary") or name.startswith("part-")
 
 
 def prepare_output(context: RunContext, *, resume: bool) -> None:
@@ -306,7 +311,7 @@ def _part_sources(parts: list[PartInfo], context: RunContext) -> list[str]:
             FileSystems.mkdirs(context.files_dir)
         merged = FileSystems.join(context.files_dir, f"merged-{context.run_id}.{fmt}")
         if parts:
-            _merge([part.path for part in parts], merged, fmt, context.output_schema)
+            concatenate_parts([part.path for part in parts], merged, fmt, context.output_schema)
         else:
             write_table(merged, context.output_schema.empty_table(), fmt)
         return [merged]
@@ -327,12 +332,13 @@ def _publish_local(parts: list[PartInfo], context: RunContext) -> dict:
             os.link(source, name)
         except OSError:
             shutil.copyfile(source, name)
-    _concatenate(
+    concatenate_files(
         [part.errors_path for part in parts if part.errors_path],
         os.path.join(build, ERRORS_FILE),
     )
     final = _final_names(context.output, len(sources), context.output_format)
     manifest = _manifest(parts, final, context)
+    _add_report(manifest, parts, context, os.path.join(build, REPORT))
     _write_json(os.path.join(build, MANIFEST), manifest)
     kill_point("assembled")
     # The swap: two renames, each atomic. In between, the name holds nothing; a run
@@ -359,11 +365,12 @@ def _publish_remote(parts: list[PartInfo], context: RunContext) -> dict:
         FileSystems.delete(old)
     final = _final_names(context.output, len(sources), context.output_format)
     FileSystems.copy(sources, final)
-    _concatenate(
+    concatenate_files(
         [part.errors_path for part in parts if part.errors_path],
         FileSystems.join(context.output, ERRORS_FILE),
     )
     manifest = _manifest(parts, final, context)
+    _add_report(manifest, parts, context, FileSystems.join(context.output, REPORT))
     temporary = FileSystems.join(context.staging_dir, MANIFEST)
     _write_json(temporary, manifest)
     FileSystems.rename([temporary], [FileSystems.join(context.output, MANIFEST)])
@@ -371,38 +378,36 @@ def _publish_remote(parts: list[PartInfo], context: RunContext) -> dict:
     return manifest
 
 
+def _add_report(manifest: dict, parts: list[PartInfo], context: RunContext, path: str) -> None:
+    """Adds each task's output summary and the failures by error type to the manifest,
+    and writes the run report (`report.html`) made from it to `path`."""
+    manifest["output"]["report"] = None
+    try:
+        summaries, failed_by_type = summarize_output(
+            [part.path for part in parts],
+            [part.errors_path for part in parts if part.errors_path],
+            context.tasks,
+            context.output_schema,
+            context.output_format,
+        )
+        for task in manifest["tasks"]:
+            task["summary"] = summaries[task["name"]]
+        manifest["failed_by_type"] = failed_by_type
+        manifest["output"]["report"] = FileSystems.join(context.output, REPORT)
+        write_report(path, manifest)
+    except Exception:
+        # The report never fails the run: the output is complete without it, so the
+        # error is logged, the manifest says `"report": null` and the run publishes.
+        _LOG.exception("beam-enrich: the run report could not be made; publishing without it")
+        manifest["output"]["report"] = None
+        with contextlib.suppress(Exception):
+            if FileSystems.exists(path):
+                FileSystems.delete([path])
+
+
 def _write_json(path: str, data: dict) -> None:
     with FileSystems.create(path, _MIME) as handle:
         handle.write(json.dumps(data, indent=2, ensure_ascii=False).encode("utf-8") + b"\n")
-
-
-def _merge(sources: Sequence[str], destination: str, fmt: str, schema: pa.Schema) -> None:
-    """Concatenates per-file parts into one file, in order, row group by row group."""
-    if fmt == "parquet":
-        with FileSystems.create(destination, _MIME) as out:
-            writer = None
-            for source in sources:
-                with FileSystems.open(source, _MIME) as handle:
-                    staged = pq.ParquetFile(handle)
-                    if writer is None:
-                        writer = pq.ParquetWriter(out, staged.schema_arrow)
-                    for group in range(staged.num_row_groups):
-                        writer.write_table(staged.read_row_group(group))
-            writer.close()
-        return
-    # CSV: each staged part starts with the same header; keep the first one only.
-    # Written by hand: pyarrow cannot append CSV files without re-parsing their cells.
-    header = pa.BufferOutputStream()
-    pacsv.write_csv(csv_schema(schema).empty_table(), header)
-    header = header.getvalue().to_pybytes()
-    with FileSystems.create(destination, _MIME) as out:
-        out.write(header)
-        for source in sources:
-            with FileSystems.open(source, _MIME) as handle:
-                if handle.read(len(header)) != header:
-                    raise ValueError(f"staged part {source} does not start with the CSV header")
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    out.write(block)
 
 
 def _manifest(parts: list[PartInfo], final: list[str], context: RunContext) -> dict:
@@ -464,6 +469,7 @@ def _manifest(parts: list[PartInfo], final: list[str], context: RunContext) -> d
         },
         "rows": {
             "in": sum(part.rows_read for part in parts),
+            "limit": context.limit,
             "out": rows_out,
             "failed": {task["name"]: failed.get(task["name"], 0) for task in context.tasks},
         },

@@ -2,30 +2,43 @@
 
 Each task family in `transforms.tasks` defines its own typed parameters; this module
 composes them, so `params` of a `ner` task is checked against the ner parameters and an
-unknown key anywhere is named with its full path and the accepted names.
+unknown key anywhere is named with its full path and the accepted names. A plugin task
+(`module.path:ClassName` or an installed `beam_enrich.tasks` entry point) is checked the
+same way against its own adapter's parameters.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializeAsAny,
     StrictBool,
     StrictInt,
     ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
     create_model,
     field_validator,
     model_validator,
 )
 
 from transforms.models import DTYPES
-from transforms.tasks import ADAPTERS, TaskAdapter
+from transforms.tasks import (
+    ADAPTERS,
+    PLUGIN_GROUP,
+    TaskAdapter,
+    adapter_for,
+    installed_plugins,
+    is_plugin_task,
+)
 
 __all__ = ["JobSpec", "SpecError", "TaskSpec", "load_spec", "parse_spec"]
 
@@ -58,7 +71,13 @@ class TaskSpec(_Frozen):
     input: str | None = Field(None, description="input column; defaults to text_column")
     device: str = Field("auto", pattern=_DEVICE)
     dtype: Literal[DTYPES] = "auto"  # type: ignore[valid-type]
-    max_batch_tokens: StrictInt = Field(8192, gt=0, le=10_000_000)
+    max_batch_tokens: StrictInt | None = Field(
+        None,
+        gt=0,
+        le=10_000_000,
+        description="padded tokens (rows x longest row) per forward pass; "
+        "default 2048 on CPU, 8192 on GPU",
+    )
     on_long_input: Literal["truncate", "chunk"] = Field(
         "truncate", description="truncate to the model's limit, or cover the text in windows"
     )
@@ -74,6 +93,9 @@ class TaskSpec(_Frozen):
     )
     params: Any = None
 
+    #: The adapter whose parameters a variant checks (set by `_task_variant`).
+    adapter_class: ClassVar[type[TaskAdapter] | None] = None
+
     @field_validator("params", mode="before")
     @classmethod
     def _empty_params(cls, value: Any) -> Any:
@@ -81,7 +103,7 @@ class TaskSpec(_Frozen):
 
     @model_validator(mode="after")
     def _chunking_is_supported(self) -> TaskSpec:
-        adapter = ADAPTERS.get(self.task)
+        adapter = type(self).adapter_class
         if self.on_long_input == "chunk" and adapter and not adapter.supports_chunking:
             supported = sorted(t for t, a in ADAPTERS.items() if a.supports_chunking)
             raise ValueError(
@@ -90,29 +112,96 @@ class TaskSpec(_Frozen):
             )
         return self
 
+    @model_validator(mode="after")
+    def _model_is_known(self) -> TaskSpec:
+        adapter = type(self).adapter_class
+        if self.model is None and adapter and not adapter.default_model:
+            raise ValueError(
+                f"model: task {self.task!r} has no default model; set `model:` to a hub id "
+                "or a local directory"
+            )
+        return self
+
     @property
     def model_id(self) -> str:
         """The model to load: the spec's, or the task's well-known default."""
-        return self.model or ADAPTERS[self.task].default_model
+        return self.model or self.adapter_type.default_model
+
+    @property
+    def adapter_type(self) -> type[TaskAdapter]:
+        """The adapter class that runs this task: a built-in family or a plugin."""
+        return type(self).adapter_class or adapter_for(self.task)
 
 
-def _task_variant(task_names: tuple[str, ...], params_type: type) -> type[TaskSpec]:
-    return create_model(
-        f"TaskSpec_{params_type.__name__}",
+def _task_variant(adapter: type[TaskAdapter], task_names: tuple[str, ...]) -> type[TaskSpec]:
+    variant = create_model(
+        f"TaskSpec_{adapter.params_type.__name__}",
         __base__=TaskSpec,
         task=(Literal[task_names], ...),
         # A missing `params` is validated as {} (see _empty_params), so a family with
         # required parameters names them: tasks[0].params.candidate_labels.
-        params=(params_type, Field(None, validate_default=True)),
+        params=(adapter.params_type, Field(None, validate_default=True)),
     )
+    variant.adapter_class = adapter
+    return variant
+
+
+@functools.lru_cache(maxsize=64)
+def _plugin_variant(adapter: type[TaskAdapter], task: str) -> type[TaskSpec]:
+    return _task_variant(adapter, (task,))
 
 
 # One variant per task family, told apart by `task`: pydantic then checks `params`
 # against the family's own parameter model, and an unknown task lists the known ones.
-_VARIANTS = {
-    adapter: _task_variant(adapter.tasks, adapter.params_type) for adapter in set(ADAPTERS.values())
-}
-_AnyTask = Annotated[Union[tuple(_VARIANTS.values())], Field(discriminator="task")]  # noqa: UP007
+_VARIANTS = {adapter: _task_variant(adapter, adapter.tasks) for adapter in set(ADAPTERS.values())}
+_BuiltInTask = Annotated[Union[tuple(_VARIANTS.values())], Field(discriminator="task")]  # noqa: UP007
+
+
+def _built_in_or_plugin(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    # A plugin's variant is made when its task is first seen, since only then is its
+    # parameter model known; its errors keep their paths (tasks[0].params.min_score).
+    task = value.get("task") if isinstance(value, dict) else getattr(value, "task", None)
+    if not (isinstance(task, str) and is_plugin_task(task)):
+        return handler(value)
+    try:
+        adapter = adapter_for(task)
+    except ValueError as err:
+        raise ValueError(f"task: {err}") from None  # "key: message", split by _message
+    return _plugin_variant(adapter, task).model_validate(value)
+
+
+_PluginTaskSchema = create_model(
+    "PluginTaskSpec",
+    __base__=TaskSpec,
+    task=(
+        str,
+        Field(
+            description=f"a plugin: module.path:ClassName or an installed {PLUGIN_GROUP} "
+            "entry point",
+            json_schema_extra={"not": {"enum": list(ADAPTERS)}},
+        ),
+    ),
+)
+
+
+class _WithPluginTasks:
+    """Lists plugin tasks in the JSON Schema beside the built-in ones."""
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler):
+        # A plugin is any other task name with free `params`: its adapter is only known
+        # when the spec is loaded, and checks them then.
+        schema = handler(core_schema)
+        if "oneOf" in schema:
+            plugin = handler(_PluginTaskSchema.__pydantic_core_schema__)
+            schema["oneOf"] = [*schema["oneOf"], plugin]
+        return schema
+
+
+# Plugin tasks serialize with their own variant (SerializeAsAny), not a built-in one.
+_AnyTask = Annotated[
+    _BuiltInTask, WrapValidator(_built_in_or_plugin), SerializeAsAny(), _WithPluginTasks
+]
 
 
 class JobSpec(_Frozen):
@@ -156,7 +245,7 @@ class JobSpec(_Frozen):
 
     def adapter(self, task: TaskSpec) -> TaskAdapter:
         """The task's adapter, configured for this job."""
-        return ADAPTERS[task.task](
+        return task.adapter_type(
             task.name,
             task.params,
             input_column=self.input_column(task),
@@ -178,17 +267,21 @@ def _location(loc: tuple) -> str:
     return "".join(parts) or "(top level)"
 
 
-def _message(error: dict) -> tuple[str, str]:
+def _message(error: dict, data: Any = None) -> tuple[str, str]:
     """(where, what) for one pydantic error, in the spec's own words."""
     where, kind = _location(error["loc"]), error["type"]
     known = ", ".join(ADAPTERS)
     if kind == "extra_forbidden":
-        accepted = _accepted_keys(error["loc"])
+        accepted = _accepted_keys(error["loc"], data)
         return where, "unknown key" + (
             f"; accepted keys: {', '.join(accepted)}" if accepted else ""
         )
     if kind == "union_tag_invalid":
-        return f"{where}.task", f"unknown task {error['ctx']['tag']!r}; expected one of: {known}"
+        plugins = ", ".join(installed_plugins()) or "none installed"
+        return f"{where}.task", (
+            f"unknown task {error['ctx']['tag']!r}; expected one of: {known}; or a plugin as "
+            f"module.path:ClassName or an installed {PLUGIN_GROUP} entry point ({plugins})"
+        )
     if kind == "union_tag_not_found":
         return f"{where}.task", f"missing; expected one of: {known}"
     if kind == "string_pattern_mismatch" and error["loc"][-1] in _PATTERN_HELP:
@@ -205,15 +298,15 @@ def _message(error: dict) -> tuple[str, str]:
     return where, error["msg"]
 
 
-def _explain(err: ValidationError, source: str) -> SpecError:
+def _explain(err: ValidationError, source: str, data: Any = None) -> SpecError:
     lines = []
     for error in err.errors():
-        where, message = _message(error)
+        where, message = _message(error, data)
         lines.append(f"  {where}: {message}")
     return SpecError(f"invalid job spec {source}:\n" + "\n".join(lines))
 
 
-def _accepted_keys(loc: tuple) -> list[str]:
+def _accepted_keys(loc: tuple, data: Any = None) -> list[str]:
     """The keys allowed beside an unknown key at `loc`, for the error message."""
     model: Any = JobSpec
     path = list(loc[:-1])
@@ -221,7 +314,9 @@ def _accepted_keys(loc: tuple) -> list[str]:
         model = _VARIANTS[ADAPTERS[path[2]]]
         path = path[3:]
     elif path[:1] == ["tasks"]:
-        model = TaskSpec
+        # A plugin's errors carry no variant tag: find its variant from the task itself.
+        model = _plugin_variant_at(data, path[1]) if len(path) > 1 else None
+        model = model or TaskSpec
         path = path[2:]
     for item in path:
         field = getattr(model, "model_fields", {}).get(item)
@@ -231,6 +326,15 @@ def _accepted_keys(loc: tuple) -> list[str]:
             return []
         model = field.annotation
     return list(getattr(model, "model_fields", {}))
+
+
+def _plugin_variant_at(data: Any, index: Any) -> type[TaskSpec] | None:
+    """The variant a plugin task at `tasks[index]` of the spec was checked with, if any."""
+    try:
+        task = data["tasks"][index]["task"]
+        return _plugin_variant(adapter_for(task), task) if is_plugin_task(task) else None
+    except (LookupError, TypeError, ValueError):
+        return None
 
 
 def parse_spec(data: Any, source: str = "") -> JobSpec:
@@ -245,7 +349,7 @@ def parse_spec(data: Any, source: str = "") -> JobSpec:
     try:
         return JobSpec.model_validate(data)
     except ValidationError as err:
-        raise _explain(err, source) from None
+        raise _explain(err, source, data) from None
     except ValueError as err:  # raised by a validator outside pydantic's wrapping
         raise SpecError(f"invalid job spec {source}: {err}") from None
 

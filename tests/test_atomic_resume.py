@@ -132,6 +132,7 @@ def test_killed_runs_leave_old_output_and_resume_matches_uninterrupted(tmp_path,
         == expected["rows"]
         == {
             "in": 71,
+            "limit": None,
             "out": 71,
             "failed": {"sentiment": 1, "embedding": 1},
         }
@@ -144,6 +145,7 @@ def test_killed_runs_leave_old_output_and_resume_matches_uninterrupted(tmp_path,
         "errors.jsonl",
         "manifest.json",
         "part-00000-of-00001.parquet",
+        "report.html",
     ]
     part = output / "part-00000-of-00001.parquet"
     ids = pq.read_table(SAMPLE_DATA / "reviews.parquet").column("id").to_pylist()
@@ -203,6 +205,7 @@ def test_keep_order_csv_concatenates_per_file_parts_under_one_header(tmp_path, t
         "errors.jsonl",
         "manifest.json",
         "part-00000-of-00001.csv",
+        "report.html",
     ]
     rows = list(csv.DictReader(io.StringIO((output / "part-00000-of-00001.csv").read_text())))
     ids = pq.read_table(SAMPLE_DATA / "reviews.parquet").column("id").to_pylist()[:30]

@@ -106,6 +106,7 @@ def test_parquet_end_to_end(tmp_path, tiny_models):
     assert manifest.keys() >= MANIFEST_KEYS
     assert manifest["rows"] == {
         "in": 71,
+        "limit": None,
         "out": 71,
         "failed": {"sentiment": 0, "entities": 0, "embedding": 0},
     }
@@ -230,6 +231,7 @@ def test_rerun_replaces_previous_output(tmp_path, tiny_models):
             *(Path(f["path"]).name for f in second["output"]["files"]),
             "errors.jsonl",
             "manifest.json",
+            "report.html",
         ]
     )
 

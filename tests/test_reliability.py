@@ -101,7 +101,7 @@ def test_planted_failures_are_counted_and_every_cell_kept(tmp_path, tiny_models)
 
     manifest = json.loads((output / "manifest.json").read_text())
     rows = sum(len(t) for t in files.values())
-    assert manifest["rows"] == {"in": rows, "out": rows, "failed": {"s": 5, "m": 7}}
+    assert manifest["rows"] == {"in": rows, "limit": None, "out": rows, "failed": {"s": 5, "m": 7}}
     for task in manifest["tasks"]:
         assert task["rows"] == rows
         assert task["succeeded"] + task["failed"] == rows
@@ -294,7 +294,7 @@ def test_header_only_csv_gives_an_empty_output(tmp_path, tiny_models):
     code, output = _run(tmp_path, _spec(tmp_path / "job.yaml", [_sentiment(tiny_models)]), source)
     assert code == 0
     manifest = json.loads((output / "manifest.json").read_text())
-    assert manifest["rows"] == {"in": 0, "out": 0, "failed": {"s": 0}}
+    assert manifest["rows"] == {"in": 0, "limit": None, "out": 0, "failed": {"s": 0}}
 
 
 def test_hard_strings_are_kept_exactly(tmp_path, tiny_models):

@@ -68,7 +68,7 @@ def test_full_spec_parses_with_defaults():
     assert (spec.text_column, spec.rows_per_chunk, spec.keep_order) == ("text", 512, False)
     assert [t.name for t in spec.tasks] == ["sentiment", "entities", "embedding"]
     for task in spec.tasks:
-        assert (task.device, task.dtype, task.max_batch_tokens) == ("auto", "auto", 8192)
+        assert (task.device, task.dtype, task.max_batch_tokens) == ("auto", "auto", None)
         assert task.trust_remote_code is False
     sentiment, entities, _ = spec.tasks
     assert sentiment.revision == "main"

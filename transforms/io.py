@@ -32,6 +32,8 @@ __all__ = [
     "PartInfo",
     "ReadTables",
     "WriteTables",
+    "concatenate_files",
+    "concatenate_parts",
     "expand_inputs",
     "file_sha256",
     "iter_tables",
@@ -217,14 +219,22 @@ def _rebatch(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.Table]
 
 
 class _ReadChunks(beam.DoFn):
-    def __init__(self, rows_per_chunk: int):
+    def __init__(self, rows_per_chunk: int, row_limits: dict[int, int] | None = None):
         self._rows_per_chunk = rows_per_chunk
+        self._row_limits = dict(row_limits or {})
         self._rows = beam.metrics.Metrics.counter("beam_enrich", "rows_read")
 
     def process(self, element: tuple[int, str]) -> Iterator[Chunk]:
         file_index, path = element
+        limit = self._row_limits.get(file_index)
         first_row = 0
         for index, table in enumerate(iter_tables(path, self._rows_per_chunk)):
+            if limit is not None and first_row + table.num_rows >= limit:
+                # The last chunk the limit reaches; leaving the loop stops reading the file.
+                table = table.slice(0, limit - first_row).replace_schema_metadata(None)
+                yield Chunk(file_index, path, index, first_row, table, rows_read=table.num_rows)
+                self._rows.inc(table.num_rows)
+                return
             table = table.replace_schema_metadata(None)
             yield Chunk(file_index, path, index, first_row, table, rows_read=table.num_rows)
             first_row += table.num_rows
@@ -238,15 +248,22 @@ class ReadTables(beam.PTransform):
         files: the input files (see `expand_inputs`); their order fixes `file_index`.
         rows_per_chunk: rows per element.
         skip: indices of files not to read (their results are reused from a resumed run).
+        row_limits: file index -> read only that many first rows of the file (`--limit`).
     """
 
     def __init__(
-        self, files: Sequence[str], *, rows_per_chunk: int = 512, skip: Iterable[int] = ()
+        self,
+        files: Sequence[str],
+        *,
+        rows_per_chunk: int = 512,
+        skip: Iterable[int] = (),
+        row_limits: dict[int, int] | None = None,
     ):
         super().__init__()
         self._files = list(files)
         self._rows_per_chunk = rows_per_chunk
         self._skip = frozenset(skip)
+        self._row_limits = dict(row_limits or {})
 
     def expand(self, pbegin):
         listed = [(i, path) for i, path in enumerate(self._files) if i not in self._skip]
@@ -255,7 +272,7 @@ class ReadTables(beam.PTransform):
             | "ListFiles" >> beam.Create(listed)
             # Spread files over workers before the (sequential) per-file read.
             | "SpreadFiles" >> beam.Reshuffle()
-            | "ReadChunks" >> beam.ParDo(_ReadChunks(self._rows_per_chunk))
+            | "ReadChunks" >> beam.ParDo(_ReadChunks(self._rows_per_chunk, self._row_limits))
         )
 
 
@@ -470,13 +487,11 @@ class _PartAccumulator:
         )
 
 
-class _WriteFileParts(beam.DoFn):
-    """One staged part per input file, its chunks in order, then a marker that it is done.
+class _WriteChunkParts(beam.DoFn):
+    """Writes each chunk to its own staged file as soon as it arrives: nothing is held.
 
-    The marker (`<name>.done.json`, the part's `PartInfo`) is written last and renamed into
-    place, so its presence means the file's results are complete: a resumed run reuses
-    them instead of reading and enriching that input again. Data files carry a random
-    suffix, so a retried or speculative attempt never overwrites one another's data.
+    Yields (file index, the chunk's `PartInfo`); data files carry a random suffix, so a
+    retried or speculative attempt never overwrites another's data.
     """
 
     def __init__(self, staging_dir: str, schema: pa.Schema, fmt: str, names: dict[int, str]):
@@ -485,22 +500,126 @@ class _WriteFileParts(beam.DoFn):
         self._fmt = fmt
         self._names = names
 
-    def process(self, keyed: tuple[int, Iterable[Chunk]]) -> Iterator[PartInfo]:
-        file_index, chunks = keyed
-        name = self._names.get(file_index, f"file-{file_index:05d}")
+    def process(self, chunk: Chunk) -> Iterator[tuple[int, PartInfo]]:
+        name = self._names.get(chunk.file_index, f"file-{chunk.file_index:05d}")
         part = _PartAccumulator(
-            self._staging_dir, self._schema, self._fmt, name=f"{name}.{uuid.uuid4().hex[:8]}"
+            self._staging_dir,
+            self._schema,
+            self._fmt,
+            name=f"{name}.chunk-{chunk.index:06d}.{uuid.uuid4().hex[:8]}",
         )
-        for chunk in sorted(chunks, key=lambda c: c.index):
-            part.add(chunk)
-        info = part.close()
+        part.add(chunk)
+        yield chunk.file_index, part.close()
+
+
+class _CompleteFileParts(beam.DoFn):
+    """Joins one input file's chunk parts, in order, into its part; then marks it done.
+
+    Only the chunks' small `PartInfo`s are grouped, never their rows, so memory stays
+    one chunk deep however large the input (a runner that holds grouped data in memory,
+    like the local one, would otherwise hold the whole output). The marker
+    (`<name>.done.json`, the part's `PartInfo`) is written last and renamed into place,
+    so its presence means the file's results are complete: a resumed run reuses them
+    instead of reading and enriching that input again.
+    """
+
+    def __init__(self, staging_dir: str, schema: pa.Schema, fmt: str, names: dict[int, str]):
+        self._staging_dir = staging_dir
+        self._schema = schema
+        self._fmt = fmt
+        self._names = names
+
+    def process(self, keyed: tuple[int, Iterable[PartInfo]]) -> Iterator[PartInfo]:
+        file_index, chunk_parts = keyed
+        chunk_parts = sorted(chunk_parts, key=lambda part: part.first)
+        name = self._names.get(file_index, f"file-{file_index:05d}")
+        info = _joined(chunk_parts)
+        if len(chunk_parts) > 1:
+            stem = f"{self._staging_dir}/{name}.{uuid.uuid4().hex[:8]}"
+            concatenate_parts(
+                [part.path for part in chunk_parts], f"{stem}.{self._fmt}", self._fmt, self._schema
+            )
+            errors = [part.errors_path for part in chunk_parts if part.errors_path]
+            if errors:
+                concatenate_files(errors, f"{stem}.errors.jsonl")
+            info = dataclasses.replace(
+                info,
+                path=f"{stem}.{self._fmt}",
+                errors_path=f"{stem}.errors.jsonl" if errors else None,
+            )
         marker = f"{self._staging_dir}/{name}.done.json"
         temporary = f"{marker}.{uuid.uuid4().hex[:8]}.tmp"
         with FileSystems.create(temporary, _MIME) as handle:
             handle.write(info.to_json().encode("utf-8"))
         FileSystems.rename([temporary], [marker])
+        if len(chunk_parts) > 1:
+            joined = [p.path for p in chunk_parts] + [p.errors_path for p in chunk_parts]
+            FileSystems.delete([path for path in joined if path])
         kill_point("staged")
         yield info
+
+
+def _joined(parts: Sequence[PartInfo]) -> PartInfo:
+    """One `PartInfo` summing consecutive parts (paths: the first part's)."""
+    failed: Counter = Counter()
+    stats: dict[str, list] = {}
+    devices: dict[str, set] = {}
+    for part in parts:
+        failed.update(part.failed)
+        for task, values in part.stats.items():
+            totals = stats.setdefault(task, [0, 0, 0, 0.0])
+            for i, value in enumerate(values):
+                totals[i] += value
+        for task, used in part.devices.items():
+            devices.setdefault(task, set()).update(used)
+    return dataclasses.replace(
+        parts[0],
+        rows=sum(part.rows for part in parts),
+        rows_read=sum(part.rows_read for part in parts),
+        failed=dict(failed),
+        stats={task: tuple(v) for task, v in stats.items()},
+        devices={task: sorted(v) for task, v in devices.items()},
+    )
+
+
+def concatenate_files(sources: Sequence[str], destination: str) -> None:
+    """Copies files one after another into `destination`, a block at a time."""
+    with FileSystems.create(destination, _MIME) as out:
+        for source in sources:
+            with FileSystems.open(source, _MIME) as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    out.write(block)
+
+
+def concatenate_parts(
+    sources: Sequence[str], destination: str, fmt: str, schema: pa.Schema
+) -> None:
+    """Concatenates part files into one, in order, one row group (or block) at a time."""
+    if fmt == "parquet":
+        with FileSystems.create(destination, _MIME) as out:
+            writer = None
+            for source in sources:
+                with FileSystems.open(source, _MIME) as handle:
+                    staged = pq.ParquetFile(handle)
+                    if writer is None:
+                        writer = pq.ParquetWriter(out, staged.schema_arrow)
+                    for group in range(staged.num_row_groups):
+                        writer.write_table(staged.read_row_group(group))
+            writer.close()
+        return
+    # CSV: each part starts with the same header; keep the first one only. Written by
+    # hand: pyarrow cannot append CSV files without re-parsing their cells.
+    header = pa.BufferOutputStream()
+    pacsv.write_csv(csv_schema(schema).empty_table(), header)
+    header = header.getvalue().to_pybytes()
+    with FileSystems.create(destination, _MIME) as out:
+        out.write(header)
+        for source in sources:
+            with FileSystems.open(source, _MIME) as handle:
+                if handle.read(len(header)) != header:
+                    raise ValueError(f"staged part {source} does not start with the CSV header")
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    out.write(block)
 
 
 def staged_parts(staging_dir: str, names: dict[int, str]) -> dict[int, PartInfo]:
@@ -570,9 +689,10 @@ class WriteTables(beam.PTransform):
     def expand(self, chunks):
         return (
             chunks
-            # Group each input file's chunks, so its results are staged (and resumable)
-            # as a unit; one worker writes one file's part.
-            | "KeyByFile" >> beam.Map(lambda chunk: (chunk.file_index, chunk))
+            # Each chunk is written as it comes; only the parts' descriptions are grouped
+            # per input file, whose results are then joined and staged (and resumable)
+            # as a unit.
+            | "WriteChunks" >> beam.ParDo(_WriteChunkParts(*self._args))
             | "GatherFile" >> beam.GroupByKey()
-            | "WriteFileParts" >> beam.ParDo(_WriteFileParts(*self._args))
+            | "CompleteFiles" >> beam.ParDo(_CompleteFileParts(*self._args))
         )
