@@ -85,19 +85,33 @@ def measure_memory(row_counts: list[int], workdir: Path) -> dict:
     return {"runs": runs, "ratio": peaks[-1] / peaks[0]}
 
 
+def _peak_rss_mib() -> float:
+    """This process's peak resident set size, from /proc (Linux).
+
+    Not `getrusage(RUSAGE_SELF).ru_maxrss`: Linux carries that high-water mark over from
+    the parent across fork and exec, so a child of a large benchmark process would report
+    the parent's peak.
+    """
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def _run_and_report(source: str, output: str, spec: str) -> None:
     import resource
 
     from pipelines.enrich import run
 
     # The peak before any row is read (libraries imported): what the run adds is above it.
-    before_run = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before_run = _peak_rss_mib()
     started = time.perf_counter()
     run(["--input", source, "--output", output, "--spec", spec])
     seconds = time.perf_counter() - started
     # ru_maxrss is in KiB on Linux. Children: the largest child's peak, which adds to
     # this process's own when a runner starts worker processes.
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    own = _peak_rss_mib()
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     report = {
         "peak_rss_mib": own + children,

@@ -355,6 +355,12 @@ def _names(value: str, known: tuple[str, ...], option: str) -> list[str]:
     return names
 
 
+def _as_list(settings) -> list:
+    if settings is None:
+        return []
+    return settings if isinstance(settings, list) else [settings]
+
+
 def main() -> None:
     from benchmarks import generation, memory, report
 
@@ -376,6 +382,11 @@ def main() -> None:
         "--skip-slow", action="store_true", help="skip per-row and pipeline(list) loops"
     )
     parser.add_argument("--markdown", action="store_true", help="print Markdown results tables")
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="add to the saved results instead of replacing them (tasks measured now win)",
+    )
     args = parser.parse_args()
     tasks = _names(args.tasks, tuple(SPEC_TASK), "--tasks")
     dtypes = _names(args.dtypes, ("fp32", "bf16", "int8"), "--dtypes")
@@ -425,6 +436,12 @@ def main() -> None:
             print(f"  largest / smallest {results['memory']['ratio']:.2f}x (target <= 1.2x)")
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
+    if args.append and (out / "throughput.json").exists():
+        saved = json.loads((out / "throughput.json").read_text())
+        for part in ("throughput", "dtypes", "generation"):
+            results[part] = {**saved.get(part, {}), **results[part]}
+        results["memory"] = results["memory"] or saved.get("memory")
+        results["settings"] = [*_as_list(saved.get("settings")), results["settings"]]
     (out / "throughput.json").write_text(json.dumps(results, indent=2) + "\n")
     report.plot(results, out / "throughput.png")
     print(f"\nwrote {out / 'throughput.json'} and {out / 'throughput.png'}")
