@@ -124,9 +124,13 @@ def test_reduced_precision_loads_and_labels_every_row(tiny_models, sample_texts,
     if dtype == "int8":
         from torch.ao.nn.quantized.dynamic import Linear as QuantizedLinear
 
-        modules = list(runner.pipe.model.modules())
-        assert any(isinstance(m, QuantizedLinear) for m in modules)
-        assert not any(type(m) is torch.nn.Linear for m in modules)
+        # Attention layers are quantized; the feed-forward ones, which carry the
+        # activation outliers, stay fp32 (see transforms.models._int8_layers).
+        modules = dict(runner.pipe.model.named_modules())
+        quantized = {n for n, m in modules.items() if isinstance(m, QuantizedLinear)}
+        plain = {n for n, m in modules.items() if type(m) is torch.nn.Linear}
+        assert quantized and all("attention" in n for n in quantized)
+        assert plain and not any("attention" in n for n in plain)
     else:
         assert next(runner.pipe.model.parameters()).dtype == torch.bfloat16
 
