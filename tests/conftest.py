@@ -44,3 +44,29 @@ def sample_texts() -> list[str]:
     import pyarrow.parquet as pq
 
     return pq.read_table(SAMPLE_DATA / "reviews.parquet").column("text").to_pylist()
+
+
+def fake_hub_cache(cache: Path, repo_id: str, model_dir: Path, commit: str) -> None:
+    """Lays a model out as huggingface_hub caches a download of `main` at `commit`."""
+    import shutil
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def sentiment_ner_spec(models: dict, **top) -> dict:
+    """A job spec (as parsed YAML) running sentiment and ner with the tiny models."""
+    return {
+        "rows_per_chunk": 8,
+        **top,
+        "tasks": [
+            {
+                "name": "sentiment",
+                "task": "sentiment-analysis",
+                "model": str(models["text-classification"]),
+            },
+            {"name": "entities", "task": "ner", "model": str(models["token-classification"])},
+        ],
+    }

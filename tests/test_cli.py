@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.enrich import main
-from tests.conftest import SAMPLE_DATA
+from tests.conftest import SAMPLE_DATA, sentiment_ner_spec
 
 MANIFEST_KEYS = {
     "run_id",
@@ -48,24 +48,15 @@ TASK_KEYS = {
 
 
 def write_spec(path: Path, models: dict, **top) -> Path:
-    spec = {
-        "rows_per_chunk": 16,
-        **top,
-        "tasks": [
-            {
-                "name": "sentiment",
-                "task": "sentiment-analysis",
-                "model": str(models["text-classification"]),
-            },
-            {"name": "entities", "task": "ner", "model": str(models["token-classification"])},
-            {
-                "name": "embedding",
-                "task": "feature-extraction",
-                "model": str(models["feature-extraction"]),
-                "params": {"normalize": True},
-            },
-        ],
-    }
+    spec = sentiment_ner_spec(models, **{"rows_per_chunk": 16, **top})
+    spec["tasks"].append(
+        {
+            "name": "embedding",
+            "task": "feature-extraction",
+            "model": str(models["feature-extraction"]),
+            "params": {"normalize": True},
+        }
+    )
     path.write_text(json.dumps(spec))  # JSON is YAML
     return path
 

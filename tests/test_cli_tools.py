@@ -18,7 +18,7 @@ import yaml
 
 from pipelines.enrich import main, prepare_job
 from pipelines.spec import parse_spec
-from tests.conftest import REPO, SAMPLE_DATA
+from tests.conftest import REPO, SAMPLE_DATA, fake_hub_cache
 from transforms.models import resolve_model
 from transforms.tasks import ADAPTERS
 
@@ -170,17 +170,9 @@ def test_sample_specs_validate_against_the_schema():
 # download
 
 
-def fake_cache(cache: Path, repo_id: str, model_dir: Path) -> None:
-    """Lays a model out as huggingface_hub caches a download of `main`."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    shutil.copytree(model_dir, repo / "snapshots" / COMMIT)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
-
-
 def test_download_offline_reports_what_the_cache_holds(tmp_path, tiny_models, capsys):
     cache = tmp_path / "cache"
-    fake_cache(cache, "acme/tiny-sentiment", tiny_models["text-classification"])
+    fake_hub_cache(cache, "acme/tiny-sentiment", tiny_models["text-classification"], COMMIT)
     spec = tmp_path / "job.yaml"
     spec.write_text(
         json.dumps(

@@ -4,28 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pyarrow.parquet as pq
 
-from tests.conftest import REPO, SAMPLE_DATA
+from tests.conftest import REPO, SAMPLE_DATA, fake_hub_cache
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-def _fake_cache(cache, repo_id, model_dir):
-    """Lays a model out as huggingface_hub caches a download of `main`."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    shutil.copytree(model_dir, repo / "snapshots" / COMMIT)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
-
-
 def test_hub_id_resolves_to_the_cached_commit(tmp_path, tiny_models):
     cache = tmp_path / "hub"
-    _fake_cache(cache, "acme/tiny-sentiment", tiny_models["text-classification"])
+    fake_hub_cache(cache, "acme/tiny-sentiment", tiny_models["text-classification"], COMMIT)
     spec = tmp_path / "job.yaml"
     spec.write_text(
         json.dumps(

@@ -13,23 +13,8 @@ import pipelines.notebook
 from pipelines import clear_model_cache, enrich_dataframe, enrich_table
 from pipelines.enrich import main
 from pipelines.spec import SpecError
-from tests.conftest import SAMPLE_DATA
+from tests.conftest import SAMPLE_DATA, sentiment_ner_spec
 from transforms.io import InputError
-
-
-def _spec(models, **top) -> dict:
-    return {
-        "rows_per_chunk": 8,
-        **top,
-        "tasks": [
-            {
-                "name": "sentiment",
-                "task": "sentiment-analysis",
-                "model": str(models["text-classification"]),
-            },
-            {"name": "entities", "task": "ner", "model": str(models["token-classification"])},
-        ],
-    }
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +26,7 @@ def test_enrich_table_equals_pipeline_run(tmp_path, tiny_models, reviews):
     source = tmp_path / "reviews.parquet"
     pq.write_table(reviews, source)
     spec_path = tmp_path / "job.yaml"
-    spec_path.write_text(json.dumps(_spec(tiny_models)))  # JSON is YAML
+    spec_path.write_text(json.dumps(sentiment_ner_spec(tiny_models)))  # JSON is YAML
     output = tmp_path / "out"
     assert main(["--input", str(source), "--output", str(output), "--spec", str(spec_path)]) == 0
     (part,) = output.glob("part-*.parquet")
@@ -60,7 +45,7 @@ def test_enrich_dataframe_keeps_index_and_input_columns(tiny_models, reviews):
     df = reviews.to_pandas()
     df.index = pd.Index([f"row-{i}" for i in range(len(df))], name="key")
 
-    result = enrich_dataframe(df, _spec(tiny_models), progress=True)
+    result = enrich_dataframe(df, sentiment_ner_spec(tiny_models), progress=True)
 
     pd.testing.assert_frame_equal(result[df.columns], df)
     assert list(result.columns) == [
@@ -83,7 +68,7 @@ def test_bad_rows_become_errors_not_exceptions(tiny_models):
     texts = ["A fine, sturdy kettle.", None, "", "   ", "Paris welcomed the delegates."]
     table = pa.table({"text": pa.array(texts, pa.string())})
 
-    result = enrich_table(table, _spec(tiny_models))
+    result = enrich_table(table, sentiment_ner_spec(tiny_models))
 
     errors = result.column("enrich_errors").to_pylist()
     assert errors[0] == errors[4] == []
@@ -95,7 +80,8 @@ def test_bad_rows_become_errors_not_exceptions(tiny_models):
 
 
 def test_empty_table_gets_the_output_columns(tiny_models):
-    result = enrich_table(pa.table({"text": pa.array([], pa.string())}), _spec(tiny_models))
+    empty = pa.table({"text": pa.array([], pa.string())})
+    result = enrich_table(empty, sentiment_ner_spec(tiny_models))
     assert result.num_rows == 0
     assert result.column_names == [
         "text",
@@ -107,7 +93,7 @@ def test_empty_table_gets_the_output_columns(tiny_models):
 
 
 def test_bad_spec_raises_spec_error_naming_the_key(tiny_models, reviews):
-    spec = _spec(tiny_models)
+    spec = sentiment_ner_spec(tiny_models)
     spec["tasks"][1]["params"] = {"aggregation": "simple"}
     with pytest.raises(SpecError, match=r"tasks\[1\]\.params\.aggregation: unknown key"):
         enrich_table(reviews, spec)
@@ -117,13 +103,13 @@ def test_bad_spec_raises_spec_error_naming_the_key(tiny_models, reviews):
 
 def test_missing_column_and_column_clash_raise_input_error(tiny_models, reviews):
     with pytest.raises(InputError, match=r"reads column 'body'.*set `input:`"):
-        enrich_table(reviews, _spec(tiny_models, text_column="body"))
+        enrich_table(reviews, sentiment_ner_spec(tiny_models, text_column="body"))
     clashing = reviews.append_column("sentiment_label", reviews.column("text"))
     with pytest.raises(InputError, match=r"already has column\(s\) \['sentiment_label'\]"):
-        enrich_table(clashing, _spec(tiny_models))
+        enrich_table(clashing, sentiment_ner_spec(tiny_models))
     mixed = pd.DataFrame({"text": ["fine", "also fine"], "id": [1, "two"]})
     with pytest.raises(InputError, match=r"Conversion failed for column id.*one type"):
-        enrich_dataframe(mixed, _spec(tiny_models))
+        enrich_dataframe(mixed, sentiment_ner_spec(tiny_models))
 
 
 def test_models_load_once_across_calls(monkeypatch, tiny_models, reviews):
@@ -137,16 +123,16 @@ def test_models_load_once_across_calls(monkeypatch, tiny_models, reviews):
     clear_model_cache()
     rows = reviews.slice(0, 4)
 
-    first = enrich_table(rows, _spec(tiny_models))
-    second = enrich_table(rows, _spec(tiny_models))
+    first = enrich_table(rows, sentiment_ner_spec(tiny_models))
+    second = enrich_table(rows, sentiment_ner_spec(tiny_models))
     assert loads == ["sentiment", "entities"]
     assert first.equals(second)
 
-    changed = _spec(tiny_models)
+    changed = sentiment_ner_spec(tiny_models)
     changed["tasks"][1]["params"] = {"aggregation_strategy": "first"}
     enrich_table(rows, changed)  # other parameters: that task's model loads again
     assert loads == ["sentiment", "entities", "entities"]
 
     clear_model_cache()
-    enrich_table(rows, _spec(tiny_models))
+    enrich_table(rows, sentiment_ner_spec(tiny_models))
     assert loads.count("sentiment") == 2

@@ -23,7 +23,7 @@ from apache_beam.transforms import environments
 import pipelines.enrich as enrich_cli
 from pipelines.enrich import build, main, prepare_job
 from pipelines.spec import load_spec
-from tests.conftest import SAMPLE_DATA
+from tests.conftest import SAMPLE_DATA, sentiment_ner_spec
 from transforms.chunks import Chunk
 from transforms.io import iter_tables
 
@@ -31,17 +31,7 @@ TASK_COLUMNS = ["sentiment_label", "sentiment_score", "entities", "enrich_errors
 
 
 def write_spec(path: Path, models: dict) -> Path:
-    spec = {
-        "rows_per_chunk": 8,
-        "tasks": [
-            {
-                "name": "sentiment",
-                "task": "sentiment-analysis",
-                "model": str(models["text-classification"]),
-            },
-            {"name": "entities", "task": "ner", "model": str(models["token-classification"])},
-        ],
-    }
+    spec = sentiment_ner_spec(models)
     path.write_text(json.dumps(spec))  # JSON is YAML
     return path
 
