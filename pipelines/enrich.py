@@ -356,9 +356,12 @@ def _describe_task(spec: JobSpec, binding: TaskBinding) -> dict:
         "device": task.device,
         "dtype": task.dtype,
         "batching": {
-            # None: the device's default, DEFAULT_MAX_BATCH_TOKENS.
+            # None: the default for the device the worker used, from this table.
             "max_batch_tokens": task.max_batch_tokens,
-            "max_batch_tokens_default": DEFAULT_MAX_BATCH_TOKENS,
+            "max_batch_tokens_default": {
+                kind: tokens * binding.adapter.batch_tokens_factor
+                for kind, tokens in DEFAULT_MAX_BATCH_TOKENS.items()
+            },
             "rows_per_chunk": spec.rows_per_chunk,
         },
         "columns": [field.name for field in binding.adapter.fields()],

@@ -76,7 +76,7 @@ class TaskSpec(_Frozen):
         gt=0,
         le=10_000_000,
         description="padded tokens (rows x longest row) per forward pass; "
-        "default 2048 on CPU, 8192 on GPU",
+        "default 2048 on CPU, 8192 on GPU (twice that for text-generation)",
     )
     on_long_input: Literal["truncate", "chunk"] = Field(
         "truncate", description="truncate to the model's limit, or cover the text in windows"

@@ -17,6 +17,7 @@ from transforms.enrich import (
     TaskBinding,
     _EnrichDoFn,
     add_task_columns,
+    max_batch_tokens_for,
     run_task,
 )
 from transforms.models import resolve_model
@@ -91,6 +92,16 @@ def test_plan_batches_respects_the_budget_and_covers_every_row():
     assert batches[0] == [7]  # longest first: a batch too big for memory fails early
     assert plan_batches(costs, 10_000, max_batch_rows=4)[0] == [7, 4, 1, 3]
     assert plan_batches([], 100) == []
+
+
+def test_default_budget_is_per_device_and_scaled_per_task_family():
+    from transforms.tasks.text_generation import TextGeneration
+
+    assert max_batch_tokens_for(None, "cpu") == 2048
+    assert max_batch_tokens_for(None, "cuda:1") == 8192
+    assert max_batch_tokens_for(None, "cpu", TextGeneration.batch_tokens_factor) == 4096
+    assert TextClassification.batch_tokens_factor == 1
+    assert max_batch_tokens_for(300, "cpu", TextGeneration.batch_tokens_factor) == 300
 
 
 def test_add_task_columns_appends_and_keeps_errors_last():

@@ -482,3 +482,8 @@ def test_cli_end_to_end_with_a_prompt_template(tmp_path, tiny_models, reference)
     assert rows[3]["summary"] is None and "prompt is" in rows[3]["enrich_errors"][0]["error"]
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["rows"]["failed"] == {"summary": 2}
+    # Generation's default budget is twice the encoders' (its cost counts new tokens).
+    assert manifest["tasks"][0]["batching"]["max_batch_tokens_default"] == {
+        "cpu": 4096,
+        "cuda": 16384,
+    }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -124,13 +126,11 @@ def test_reduced_precision_loads_and_labels_every_row(tiny_models, sample_texts,
     if dtype == "int8":
         from torch.ao.nn.quantized.dynamic import Linear as QuantizedLinear
 
-        # Attention layers are quantized; the feed-forward ones, which carry the
-        # activation outliers, stay fp32 (see transforms.models._int8_layers).
-        modules = dict(runner.pipe.model.named_modules())
-        quantized = {n for n, m in modules.items() if isinstance(m, QuantizedLinear)}
-        plain = {n for n, m in modules.items() if type(m) is torch.nn.Linear}
-        assert quantized and all("attention" in n for n in quantized)
-        assert plain and not any("attention" in n for n in plain)
+        # Every Linear layer is quantized, with 8-bit (not torch's 7-bit) activations.
+        modules = list(runner.pipe.model.modules())
+        assert not any(type(m) is torch.nn.Linear for m in modules)
+        quantized = [m for m in modules if isinstance(m, QuantizedLinear)]
+        assert quantized and all(type(m).__name__ == "Int8Linear" for m in quantized)
     else:
         assert next(runner.pipe.model.parameters()).dtype == torch.bfloat16
 
@@ -175,3 +175,35 @@ def test_chunk_needs_an_aggregation():
         )
     with pytest.raises(ValueError, match="not supported"):
         TextClassification("s", on_long_input="chunk")
+
+
+def test_int8_linear_quantizes_activations_to_8_bits():
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    from transforms.models import place_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 64)).eval()
+    x = torch.randn(32, 256)
+    x[0, 0] = 30.0  # one outlier sets the activations' scale, as in transformer FFNs
+    exact = model(x)
+    ours = place_model(copy.deepcopy(model), "cpu", "int8")
+    # torch's stock dynamic Linear: 7-bit activations.
+    stock = quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear: per_channel_dynamic_qconfig})
+
+    our_error = (ours(x) - exact).abs().mean()
+    stock_error = (stock(x) - exact).abs().mean()
+    assert type(ours[0]).__name__ == "Int8Linear"
+    assert our_error < 0.7 * stock_error
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(monkeypatch, caplog, native):
+    from transforms.models import place_model
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    with caplog.at_level("WARNING", logger="transforms.models"):
+        place_model(torch.nn.Linear(4, 4).to(torch.bfloat16), "cpu", "bf16")
+    warned = [r.getMessage() for r in caplog.records if "bf16 instructions" in r.getMessage()]
+    assert bool(warned) is not native

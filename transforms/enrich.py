@@ -48,11 +48,12 @@ BatchCallback = Callable[[int, int], None]
 DEFAULT_MAX_BATCH_TOKENS = {"cpu": 2048, "cuda": 8192}
 
 
-def max_batch_tokens_for(requested: int | None, device: str) -> int:
-    """The micro-batch budget: the spec's, else the default for the device's kind."""
+def max_batch_tokens_for(requested: int | None, device: str, factor: int = 1) -> int:
+    """The micro-batch budget: the spec's, else the default for the device's kind times
+    the task family's `batch_tokens_factor`."""
     if requested is not None:
         return requested
-    return DEFAULT_MAX_BATCH_TOKENS["cpu" if device == "cpu" else "cuda"]
+    return DEFAULT_MAX_BATCH_TOKENS["cpu" if device == "cpu" else "cuda"] * factor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +66,8 @@ class TaskBinding:
         device: `auto`, `cpu`, `cuda` or `cuda:N`, decided on the worker.
         dtype: `auto`, `fp32`, `fp16`, `bf16` or `int8`.
         max_batch_tokens: the padded size (rows x longest row) of one micro-batch;
-            None: `DEFAULT_MAX_BATCH_TOKENS` for the device the worker uses.
+            None: `DEFAULT_MAX_BATCH_TOKENS` for the device the worker uses, times the
+            adapter's `batch_tokens_factor` (2 for text-generation).
         inference_timeout_s: a micro-batch still running after this many seconds
             fails its rows with `TimeoutError`; None waits forever.
         share_model: `process`: one model per SDK process (Beam's `Shared`);
@@ -389,7 +391,9 @@ def apply_task(
     inputs = adapter.row_inputs(columns)
     device, dtype = loaded.placement()
     results, errors, truncated, batches = loaded.run_measured(
-        inputs, max_batch_tokens_for(task.max_batch_tokens, device), task.inference_timeout_s
+        inputs,
+        max_batch_tokens_for(task.max_batch_tokens, device, adapter.batch_tokens_factor),
+        task.inference_timeout_s,
     )
     seconds = time.perf_counter() - started
     if on_batch is not None:

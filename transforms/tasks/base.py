@@ -84,6 +84,8 @@ class TaskAdapter:
     params_type: ClassVar[type[Params]] = Params
     default_model: ClassVar[str] = ""
     supports_chunking: ClassVar[bool] = False
+    #: The default micro-batch budget is this many times the device's default.
+    batch_tokens_factor: ClassVar[int] = 1
 
     def __init__(
         self,
