@@ -450,8 +450,16 @@ def main() -> None:
     out.mkdir(exist_ok=True)
     if args.append and (out / "throughput.json").exists():
         saved = json.loads((out / "throughput.json").read_text())
-        for part in ("throughput", "dtypes", "generation"):
+        for part in ("throughput", "generation"):
             results[part] = {**saved.get(part, {}), **results[part]}
+        # Per task and dtype: a run with `--dtypes fp32,int8` keeps the saved bf16 rows
+        # (each dtype's ratios are to the fp32 bare loop of the run that measured it).
+        saved_dtypes = saved.get("dtypes", {})
+        for task in {*saved_dtypes, *results["dtypes"]}:
+            results["dtypes"][task] = {
+                **saved_dtypes.get(task, {}),
+                **results["dtypes"].get(task, {}),
+            }
         results["memory"] = results["memory"] or saved.get("memory")
         results["settings"] = [*_as_list(saved.get("settings")), results["settings"]]
     (out / "throughput.json").write_text(json.dumps(results, indent=2) + "\n")
