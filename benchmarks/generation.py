@@ -119,25 +119,12 @@ def _new_tokens(task: str, output, width: int) -> int:
 
 def per_row(task: str, model, tokenizer, texts: list[str]) -> tuple[float, int]:
     """`generate` once per row; returns (seconds, new tokens per row)."""
-    import torch
-
-    kwargs = _generate_kwargs(tokenizer)
     encoded = [tokenizer(t, truncation=True, return_tensors="pt") for t in texts]
-    counts = set()
-    started = time.perf_counter()
-    with torch.inference_mode():
-        for inputs in encoded:
-            output = model.generate(**inputs, **kwargs)
-            counts.add(_new_tokens(task, output, inputs["input_ids"].shape[1]))
-    seconds = time.perf_counter() - started
-    return seconds, _one_count(counts)
+    return _timed_generate(task, model, tokenizer, encoded)
 
 
 def bare(task: str, model, tokenizer, texts: list[str]) -> tuple[float, int]:
     """Length-sorted, pre-padded batches of 16, one `generate` each: the reference."""
-    import torch
-
-    kwargs = _generate_kwargs(tokenizer)
     encoded = tokenizer(texts, truncation=True)["input_ids"]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     padded = [
@@ -146,10 +133,18 @@ def bare(task: str, model, tokenizer, texts: list[str]) -> tuple[float, int]:
         )
         for s in range(0, len(order), BATCH_SIZE)
     ]
+    return _timed_generate(task, model, tokenizer, padded)
+
+
+def _timed_generate(task: str, model, tokenizer, batches: list) -> tuple[float, int]:
+    """One `generate` per prepared batch, timed; returns (seconds, new tokens per row)."""
+    import torch
+
+    kwargs = _generate_kwargs(tokenizer)
     counts = set()
     started = time.perf_counter()
     with torch.inference_mode():
-        for inputs in padded:
+        for inputs in batches:
             output = model.generate(**inputs, **kwargs)
             counts.add(_new_tokens(task, output, inputs["input_ids"].shape[1]))
     seconds = time.perf_counter() - started
