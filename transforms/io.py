@@ -8,8 +8,10 @@ column as a string, so each cell comes out exactly as it went in.
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import signal
@@ -32,6 +34,7 @@ __all__ = [
     "PartInfo",
     "ReadTables",
     "WriteTables",
+    "check_output_schema",
     "concatenate_files",
     "concatenate_parts",
     "expand_inputs",
@@ -69,6 +72,9 @@ def table_format(path: str) -> str:
 def expand_inputs(patterns: Sequence[str]) -> list[str]:
     """Every file the paths, globs or URIs match, sorted and without duplicates.
 
+    A path that names an existing file is taken literally, even if it holds glob
+    characters (`[`, `*`, `?`).
+
     Raises:
         InputError: a pattern matches no file.
     """
@@ -78,6 +84,9 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
             # A folder: the table files directly inside it.
             inside = _match(FileSystems.join(pattern.rstrip("/"), "*"))
             matched = [path for path in inside if _is_table(path)]
+        elif FileSystems.exists(pattern):
+            # An existing file is taken as named: `[2024] data.parquet` is no glob.
+            matched = [pattern]
         else:
             matched = _match(pattern)
         if not matched:
@@ -115,13 +124,20 @@ def file_sha256(path: str) -> tuple[int, str]:
 
 
 def _csv_reader(handle, column_names: Sequence[str] | None = None):
-    parse = pacsv.ParseOptions(newlines_in_values=True)
+    # In a one-column file a blank line is a row whose cell is empty; with more columns
+    # it cannot be a row of cells, so it is skipped (as pandas and spreadsheets do).
+    one_column = column_names is not None and len(column_names) == 1
+    parse = pacsv.ParseOptions(newlines_in_values=True, ignore_empty_lines=not one_column)
     convert = pacsv.ConvertOptions(
         # Exact cells: no type guessing, no null markers ("NA", "" stay strings).
         column_types={name: pa.string() for name in column_names} if column_names else None,
         strings_can_be_null=False,
     )
-    return pacsv.open_csv(handle, parse_options=parse, convert_options=convert)
+    reader = pacsv.open_csv(handle, parse_options=parse, convert_options=convert)
+    if one_column and reader.schema.names != list(column_names):
+        # Blank lines before the header: kept, the first of them would become the header.
+        raise pa.ArrowInvalid("blank line(s) before the header; remove them")
+    return reader
 
 
 def _open_stored(path: str):
@@ -137,11 +153,82 @@ def _open(path: str):
         yield pa.CompressedInputStream(handle, codec) if codec else handle
 
 
-def _unreadable(path: str, err: BaseException, rows_before: int | None = None) -> str:
-    # One line: pyarrow's reason (for a CSV parse error it quotes the bad row), where.
-    reason = " ".join(str(err).split())[:300]
-    where = "" if rows_before is None else f" after its first {rows_before} data row(s)"
-    return f"cannot read {path}{where}: {reason}; fix the file or leave it out of --input"
+def _unreadable(path: str, err: BaseException, where: str = "") -> str:
+    # One printable line: pyarrow's reason (for a CSV parse error it quotes the bad row,
+    # escaped: a binary file must not print raw bytes to the terminal), where, and why.
+    reason = _printable(" ".join(str(err).split()))
+    if len(reason) > 300:
+        reason = reason[:300] + "..."
+    return (
+        f"cannot read {_printable(path)}{where}: {reason}{_content_hint(path)}; "
+        "fix the file or leave it out of --input"
+    )
+
+
+def _printable(text: str) -> str:
+    """`text` with control and other non-printable characters escaped (`\\x00`, `\\udc80`)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+#: Leading bytes of files that are often named `.csv` by mistake.
+_MAGIC = {
+    b"PAR1": ("Parquet", "name it .parquet"),
+    b"\x1f\x8b": ("gzip-compressed", "name it .csv.gz"),
+    b"BZh": ("bzip2-compressed", "name it .csv.bz2"),
+    b"\x28\xb5\x2f\xfd": ("zstd-compressed", "name it .csv.zst"),
+}
+
+
+def _content_hint(path: str) -> str:
+    """For a plain `.csv` file whose bytes are Parquet or compressed: what they look like."""
+    if not path.lower().endswith(".csv"):
+        return ""
+    try:
+        with _open_stored(path) as handle:
+            head = handle.read(4)
+    except OSError:
+        return ""
+    for magic, (kind, fix) in _MAGIC.items():
+        if head.startswith(magic):
+            return f" (the content looks {kind}: it starts with {_printable(repr(magic))}; {fix})"
+    return ""
+
+
+def _csv_problem_position(path: str, columns: int = 0) -> str | None:
+    """Where the first row that pyarrow rejects is: `at data row N (line L)`, or None.
+
+    `columns`: the header's column count, 0 to count them here.
+
+    pyarrow parses CSV a block (about 1 MB) at a time and does not know line numbers,
+    so after a parse error the file is scanned again, with Python's csv module, up to
+    the first ragged row or invalid UTF-8 cell. Only runs on the error path.
+    """
+    if _content_hint(path):
+        return None  # not CSV at all: its "rows" mean nothing
+    try:
+        with _open(path) as handle:
+            text = io.TextIOWrapper(handle, encoding="utf-8", errors="surrogateescape", newline="")
+            reader = csv.reader(text)
+            header = next(reader, [])
+            columns = columns or len(header)
+            row, line = 0, reader.line_num + 1
+            for cells in reader:
+                if not cells and columns > 1:
+                    line = reader.line_num + 1
+                    continue  # skipped by the reader too
+                cells = cells or [""]
+                try:
+                    "".join(cells).encode("utf-8")
+                    valid = len(cells) == columns
+                except UnicodeEncodeError:  # undecodable bytes became lone surrogates
+                    valid = False
+                row += 1
+                if not valid:
+                    return f" at data row {row} (line {line})"
+                line = reader.line_num + 1
+    except Exception:  # a best-effort hint: the caller reports the error itself
+        return None
+    return None
 
 
 def read_schema(path: str) -> pa.Schema:
@@ -155,9 +242,12 @@ def read_schema(path: str) -> pa.Schema:
             column name.
     """
     fmt = table_format(path)
+    names: list[str] = []
     try:
         with _open(path) as handle:
             if fmt == "parquet":
+                # File-level key-value metadata (pandas, GeoParquet `geo`, user keys) is
+                # kept: the output carries it on (see `_parquet_schema`).
                 schema = pq.read_schema(handle)
             else:
                 names = _csv_reader(handle).schema.names
@@ -166,11 +256,12 @@ def read_schema(path: str) -> pa.Schema:
             with _open(path) as handle, contextlib.suppress(StopIteration):
                 _csv_reader(handle, schema.names).read_next_batch()
     except (pa.ArrowInvalid, OSError) as err:
-        raise InputError(_unreadable(path, err)) from err
+        where = _csv_problem_position(path, len(names)) if fmt == "csv" else None
+        raise InputError(_unreadable(path, err, where or "")) from err
     duplicates = sorted(name for name, n in Counter(schema.names).items() if n > 1)
     if duplicates:
         raise InputError(f"{path} repeats column name(s) {duplicates}; names must be unique")
-    return schema.remove_metadata()
+    return schema
 
 
 def iter_tables(path: str, rows_per_chunk: int) -> Iterator[pa.Table]:
@@ -178,11 +269,12 @@ def iter_tables(path: str, rows_per_chunk: int) -> Iterator[pa.Table]:
 
     Raises:
         InputError: part of the file cannot be parsed (a ragged CSV row, invalid
-            UTF-8, a corrupt Parquet page); the message names the file and how many
-            rows were read before the problem (pyarrow's streaming readers do not
-            know line numbers; for a CSV parse error it quotes the bad row).
+            UTF-8, a corrupt Parquet page); the message names the file and where: for
+            CSV the data row and line of the problem, for Parquet how many rows were
+            read before it.
     """
     rows = 0
+    names: list[str] = []
 
     def counted(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         nonlocal rows
@@ -197,10 +289,15 @@ def iter_tables(path: str, rows_per_chunk: int) -> Iterator[pa.Table]:
                     batch_size=rows_per_chunk
                 )
             else:
-                batches = _csv_reader(handle, read_schema(path).names)
+                names = read_schema(path).names
+                batches = _csv_reader(handle, names)
             yield from _rebatch(counted(batches), rows_per_chunk)
     except (pa.ArrowInvalid, OSError) as err:
-        raise InputError(_unreadable(path, err, rows)) from err
+        # The readers count rows a block or batch at a time: `rows` is where the block
+        # that failed begins, not where the problem is.
+        where = _csv_problem_position(path, len(names)) if names else None
+        where = where or f" somewhere after its first {rows} data row(s)"
+        raise InputError(_unreadable(path, err, where)) from err
 
 
 def _rebatch(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:
@@ -291,17 +388,20 @@ def neutralize_formulas(table: pa.Table) -> pa.Table:
     import pyarrow.compute as pc
 
     def neutralize(array):
+        if pa.types.is_string_view(array.type):  # the regex kernels take no views
+            return neutralize(array.cast(pa.string())).cast(array.type)
         flagged = pc.match_substring_regex(array, _FORMULA_START)
-        return pc.if_else(flagged, pc.binary_join_element_wise("'", array, ""), array)
+        # The joined pieces must have the column's own type (large_string has 64-bit
+        # offsets; a plain "'" would be a string and match no kernel).
+        quote, empty = pa.scalar("'", array.type), pa.scalar("", array.type)
+        return pc.if_else(flagged, pc.binary_join_element_wise(quote, array, empty), array)
 
     columns = []
     for field, column in zip(table.schema, table.columns, strict=True):
         type_ = field.type
-        if pa.types.is_string(type_) or pa.types.is_large_string(type_):
+        if _is_text(type_):
             column = neutralize(column)
-        elif pa.types.is_dictionary(type_) and (
-            pa.types.is_string(type_.value_type) or pa.types.is_large_string(type_.value_type)
-        ):
+        elif pa.types.is_dictionary(type_) and _is_text(type_.value_type):
             column = pa.chunked_array(
                 [
                     pa.DictionaryArray.from_arrays(chunk.indices, neutralize(chunk.dictionary))
@@ -313,40 +413,152 @@ def neutralize_formulas(table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=table.schema)
 
 
+def _is_text(type_: pa.DataType) -> bool:
+    types = pa.types
+    return types.is_string(type_) or types.is_large_string(type_) or types.is_string_view(type_)
+
+
 def neutralize_chunk_formulas(chunk: Chunk) -> Chunk:
     """`neutralize_formulas` on a chunk's table."""
     return dataclasses.replace(chunk, table=neutralize_formulas(chunk.table))
 
 
 def csv_schema(schema: pa.Schema) -> pa.Schema:
-    """The schema a table takes in CSV: nested and dictionary columns become text."""
+    """The schema a table takes in CSV (see `to_csv_table`)."""
     return pa.schema([pa.field(f.name, _csv_type(f.type)) for f in schema])
 
 
 def _csv_type(type_: pa.DataType) -> pa.DataType:
-    if pa.types.is_dictionary(type_):
+    if isinstance(type_, pa.BaseExtensionType):
+        return _csv_type(type_.storage_type)
+    if pa.types.is_dictionary(type_) or pa.types.is_run_end_encoded(type_):
         return _csv_type(type_.value_type)
-    if pa.types.is_nested(type_):
+    if pa.types.is_nested(type_) or pa.types.is_string_view(type_) or _is_binary(type_):
         return pa.string()
     return type_
 
 
-def to_csv_table(table: pa.Table) -> pa.Table:
-    """Nested cells become JSON text and dictionary columns plain values, for CSV output."""
-    columns = []
-    for field, column in zip(table.schema, table.columns, strict=True):
+def _is_binary(type_: pa.DataType) -> bool:
+    return (
+        pa.types.is_binary(type_)
+        or pa.types.is_large_binary(type_)
+        or pa.types.is_binary_view(type_)
+        or pa.types.is_fixed_size_binary(type_)
+    )
+
+
+def check_output_schema(schema: pa.Schema, output_format: str) -> None:
+    """Checks, before the run, that every column can be written in `output_format`.
+
+    Raises:
+        InputError: CSV output and a column whose type has no CSV text form
+            (intervals), naming the columns and the fix.
+    """
+    if output_format != "csv":
+        return
+    refused = []
+    for field in schema:
         target = _csv_type(field.type)
-        if target == field.type:
-            columns.append(column)
-        elif pa.types.is_dictionary(field.type) and not pa.types.is_nested(target):
-            columns.append(column.cast(target))
-        else:
-            text = [
-                None if v is None else json.dumps(v, ensure_ascii=False, default=str)
-                for v in column.to_pylist()
-            ]
-            columns.append(pa.array(text, pa.string()))
+        try:
+            # pyarrow's writer refuses unknown types when it starts; intervals only
+            # when it meets a value, so those are named here.
+            pacsv.CSVWriter(pa.BufferOutputStream(), pa.schema([pa.field(field.name, target)]))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            refused.append(field)
+            continue
+        if pa.types.is_interval(target):
+            refused.append(field)
+    if refused:
+        names = ", ".join(f"{f.name!r} ({f.type})" for f in refused)
+        raise InputError(
+            f"CSV output cannot hold column(s) {names}; write Parquet (--output-format "
+            "parquet) or cast those columns to string first"
+        )
+
+
+def _json_default(value):
+    # Bytes inside nested cells as hex, like binary columns; other values as their text.
+    return value.hex() if isinstance(value, bytes) else str(value)
+
+
+def _to_csv_column(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    type_ = column.type
+    if isinstance(type_, pa.BaseExtensionType):
+        storage = pa.chunked_array([chunk.storage for chunk in column.chunks], type_.storage_type)
+        return _to_csv_column(storage)
+    if pa.types.is_dictionary(type_):
+        return _to_csv_column(column.cast(type_.value_type))
+    if pa.types.is_run_end_encoded(type_):
+        import pyarrow.compute as pc
+
+        return _to_csv_column(pc.run_end_decode(column))
+    if pa.types.is_string_view(type_):
+        return column.cast(pa.string())
+    if _is_binary(type_):
+        # Hex, not base64: base64 text can start with "+", which spreadsheets run as
+        # a formula, and hex needs no decoding rules beyond bytes.fromhex.
+        return pa.chunked_array(
+            [pa.array([None if v is None else v.hex() for v in column.to_pylist()], pa.string())]
+        )
+    if pa.types.is_nested(type_):
+        text = [
+            None if v is None else json.dumps(v, ensure_ascii=False, default=_json_default)
+            for v in column.to_pylist()
+        ]
+        return pa.chunked_array([pa.array(text, pa.string())])
+    return column
+
+
+def to_csv_table(table: pa.Table) -> pa.Table:
+    """The table as CSV can hold it: nested cells as JSON text, binary cells as hex text,
+    dictionary, run-end encoded and extension columns as their plain values,
+    `string_view` as string."""
+    columns = [_to_csv_column(column) for column in table.columns]
     return pa.Table.from_arrays(columns, schema=csv_schema(table.schema))
+
+
+_PANDAS = b"pandas"
+
+
+def _parquet_schema(schema: pa.Schema) -> pa.Schema:
+    """The schema with its pandas metadata (if any) describing the added columns too.
+
+    The input's file-level metadata (GeoParquet `geo`, user keys) is kept as it is;
+    pandas' entry lists each column's dtype and which columns are the index, so
+    `pandas.read_parquet` gives back the input's dtypes (`Int64` with nulls) and index.
+    An entry that cannot be parsed cannot be updated either: it is dropped.
+    """
+    metadata = dict(schema.metadata or {})
+    if _PANDAS not in metadata:
+        return schema
+    try:
+        pandas = json.loads(metadata[_PANDAS])
+        described = {column.get("field_name", column["name"]) for column in pandas["columns"]}
+        pandas["columns"].extend(
+            _pandas_column(field) for field in schema if field.name not in described
+        )
+        metadata[_PANDAS] = json.dumps(pandas).encode("utf-8")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        del metadata[_PANDAS]
+    return schema.with_metadata(metadata)
+
+
+def _pandas_column(field: pa.Field) -> dict:
+    """pandas' description of a column it did not write, as pyarrow writes one."""
+    import numpy as np
+    from pyarrow.pandas_compat import get_logical_type
+
+    try:
+        numpy_type = np.dtype(field.type.to_pandas_dtype()).name
+    except (NotImplementedError, TypeError):
+        numpy_type = "object"
+    return {
+        "name": field.name,
+        "field_name": field.name,
+        "pandas_type": get_logical_type(field.type),
+        "numpy_type": numpy_type,
+        "metadata": None,
+    }
 
 
 class _TableWriter:
@@ -357,7 +569,7 @@ class _TableWriter:
         self._fmt = fmt
         self._handle = FileSystems.create(path, _MIME)
         if fmt == "parquet":
-            self._writer = pq.ParquetWriter(self._handle, schema)
+            self._writer = pq.ParquetWriter(self._handle, _parquet_schema(schema))
         else:
             self._writer = pacsv.CSVWriter(self._handle, csv_schema(schema))
 
@@ -591,20 +803,40 @@ def concatenate_files(sources: Sequence[str], destination: str) -> None:
                     out.write(block)
 
 
+#: Joined Parquet row groups hold about this many rows or bytes, whichever comes first:
+#: big enough for fast scans, small enough that joining holds little in memory.
+_ROW_GROUP_ROWS = 65_536
+_ROW_GROUP_BYTES = 64 << 20
+
+
 def concatenate_parts(
     sources: Sequence[str], destination: str, fmt: str, schema: pa.Schema
 ) -> None:
-    """Concatenates part files into one, in order, one row group (or block) at a time."""
+    """Concatenates part files into one, in order, a row group (or block) at a time.
+
+    Parquet row groups are joined up to `_ROW_GROUP_ROWS` rows or `_ROW_GROUP_BYTES`:
+    a staged part holds one chunk, so `rows_per_chunk: 1` would otherwise give one row
+    group per row (slow to read, a footer entry per row).
+    """
     if fmt == "parquet":
         with FileSystems.create(destination, _MIME) as out:
             writer = None
+            pending: list[pa.Table] = []
+            rows = size = 0
             for source in sources:
                 with FileSystems.open(source, _MIME) as handle:
                     staged = pq.ParquetFile(handle)
                     if writer is None:
                         writer = pq.ParquetWriter(out, staged.schema_arrow)
                     for group in range(staged.num_row_groups):
-                        writer.write_table(staged.read_row_group(group))
+                        pending.append(staged.read_row_group(group))
+                        rows += pending[-1].num_rows
+                        size += pending[-1].nbytes
+                        if rows >= _ROW_GROUP_ROWS or size >= _ROW_GROUP_BYTES:
+                            writer.write_table(pa.concat_tables(pending), row_group_size=rows)
+                            pending, rows, size = [], 0, 0
+            if pending:
+                writer.write_table(pa.concat_tables(pending), row_group_size=max(rows, 1))
             writer.close()
         return
     # CSV: each part starts with the same header; keep the first one only. Written by
