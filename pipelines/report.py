@@ -323,7 +323,7 @@ class _InputLengths:
     def add(self, table: pa.Table) -> None:
         texts = _array(table, self.columns[0])
         self.missing += texts.null_count
-        self.lengths.add(_floats(pc.utf8_length(texts)))
+        self.lengths.add(_floats(_text_lengths(texts)))
 
     def to_json(self) -> dict:
         return {
@@ -331,6 +331,33 @@ class _InputLengths:
             "characters": self.lengths.to_json(),
             "missing": self.missing,
         }
+
+
+def _text_lengths(array: pa.Array) -> pa.Array:
+    """Characters per cell of any column a task may read; bytes for binary cells.
+
+    Arrow's `utf8_length` takes only `string` and `large_string`: a `string_view`
+    column, a column of nulls only (the `null` type) or a column a prompt template
+    pastes as text (numbers, dates) would fail the whole report.
+    """
+    type_ = array.type
+    if pa.types.is_null(type_):
+        return pa.array([], pa.int64())
+    if pa.types.is_binary_view(type_):
+        array, type_ = array.cast(pa.large_binary()), pa.large_binary()
+    if pa.types.is_binary(type_) or pa.types.is_large_binary(type_):
+        return pc.binary_length(array)
+    if not (pa.types.is_string(type_) or pa.types.is_large_string(type_)):
+        try:
+            array = array.cast(pa.large_string())
+        except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
+            # Lists and structs: their JSON text, as CSV output writes them.
+            cells = [
+                None if cell is None else json.dumps(cell, ensure_ascii=False, default=str)
+                for cell in array.to_pylist()
+            ]
+            array = pa.array(cells, pa.large_string())
+    return pc.utf8_length(array)
 
 
 def summarize_output(
@@ -409,7 +436,14 @@ def _read_csv_columns(handle, columns: list[str], schema: pa.Schema) -> Iterator
 
 
 def _plain(type_: pa.DataType) -> pa.DataType:
-    return _plain(type_.value_type) if pa.types.is_dictionary(type_) else type_
+    """The type to read a CSV column as: no dictionaries, no views (CSV reads neither)."""
+    if pa.types.is_dictionary(type_):
+        return _plain(type_.value_type)
+    if pa.types.is_string_view(type_):
+        return pa.string()
+    if pa.types.is_binary_view(type_):
+        return pa.binary()
+    return type_
 
 
 def _failures_by_type(paths: Sequence[str], task_names: Sequence[str]) -> dict[str, dict]:

@@ -160,9 +160,11 @@ def test_progress_reader_sums_every_process_file(tmp_path):
     assert read_progress(str(tmp_path / "missing")) == {}
 
 
-def test_writer_throttles_writes_and_flush_publishes_the_rest(tmp_path):
+def test_writer_throttles_writes_and_flush_publishes_the_rest(tmp_path, monkeypatch):
+    # A machine booted 5 s ago: `time.monotonic()` counts from boot.
+    monkeypatch.setattr("transforms.progress.time.monotonic", lambda: 5.0)
     writer = ProgressWriter(str(tmp_path), "sentiment", min_interval_s=3600)
-    writer.add(4, 1)  # the first count is published at once
+    writer.add(4, 1)  # the first count is published at once, whatever the uptime
     writer.add(6, 0)
     assert read_progress(str(tmp_path))["sentiment"] == TaskProgress(rows=4, failed=1)
     writer.flush()

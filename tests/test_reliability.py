@@ -198,7 +198,9 @@ def test_unknown_revision_and_unreachable_hub(tmp_path, monkeypatch):
 
     def unreachable(self, repo_id, revision=None, **kwargs):
         calls.append(revision)
-        raise httpx2.ConnectError("connection refused", request=request)
+        # A timeout is retried; a refused connection or a failed name lookup is not
+        # (tests/test_clean_runs.py).
+        raise httpx2.ConnectTimeout("timed out", request=request)
 
     calls.clear()
     monkeypatch.setattr(HfApi, "model_info", unreachable)
@@ -207,7 +209,7 @@ def test_unknown_revision_and_unreachable_hub(tmp_path, monkeypatch):
     assert calls == ["main"] * models.HUB_ATTEMPTS
     message = str(caught.value)
     assert "\n" not in message
-    assert "cannot be reached (ConnectError: connection refused)" in message
+    assert "cannot be reached (ConnectTimeout: timed out)" in message
 
 
 def test_retry_transient_retries_then_succeeds():
@@ -284,7 +286,7 @@ def test_unreadable_rows_past_the_first_block_exit_2(tmp_path, tiny_models, caps
     code, output = _run(tmp_path, spec, source)
     assert code == 2
     line = _one_error_line(capsys)
-    assert f"cannot read {source} after its first" in line and "got 3: a,b,c" in line
+    assert f"cannot read {source} at data row 701 (line 702)" in line and "got 3: a,b,c" in line
     assert not (output / "manifest.json").exists()
 
 

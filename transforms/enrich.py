@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import logging
@@ -17,7 +18,13 @@ from apache_beam.utils import shared
 
 from transforms.batching import plan_batches
 from transforms.chunks import ERRORS_COLUMN, ERRORS_TYPE, Chunk, TaskStats
-from transforms.models import ResolvedModel, resolve_device, resolve_dtype, retry_transient
+from transforms.models import (
+    ResolvedModel,
+    cached_snapshot,
+    resolve_device,
+    resolve_dtype,
+    retry_transient,
+)
 from transforms.progress import ProgressWriter
 from transforms.tasks.base import InvalidInput, Runner, TaskAdapter
 
@@ -156,13 +163,21 @@ def _release_cuda_cache() -> None:
         torch.cuda.empty_cache()
 
 
+#: Threads of timed micro-batches (`_infer_with_timeout`) still running, and their lock.
+_TIMED_THREADS: set[threading.Thread] = set()
+_TIMED_THREADS_LOCK = threading.Lock()
+#: At interpreter exit, the longest wait for timed-out micro-batches still running.
+_EXIT_WAIT_S = 60.0
+
+
 def _infer_with_timeout(runner: Runner, items: list, timeout_s: float | None) -> list:
     """`runner.infer(items)`, given up on after `timeout_s` seconds.
 
     Hand-written: a `concurrent.futures` pool cannot abandon a hung worker (its next
     batch would queue behind it, and shutdown waits for it), so each timed batch gets
     its own daemon thread. Python cannot kill a thread: a hung batch's thread runs on,
-    and may keep a core busy, until its call returns; the run goes on without it.
+    and may keep a core busy, until its call returns; the run goes on without it, and
+    the process waits for it at exit (`_wait_for_timed_out_batches`).
     """
     if timeout_s is None:
         return runner.infer(items)
@@ -176,8 +191,13 @@ def _infer_with_timeout(runner: Runner, items: list, timeout_s: float | None) ->
             outcome.append((False, err))
         finally:
             done.set()
+            with _TIMED_THREADS_LOCK:
+                _TIMED_THREADS.discard(threading.current_thread())
 
-    threading.Thread(target=target, name="beam-enrich-infer", daemon=True).start()
+    thread = threading.Thread(target=target, name="beam-enrich-infer", daemon=True)
+    with _TIMED_THREADS_LOCK:
+        _TIMED_THREADS.add(thread)
+    thread.start()
     if not done.wait(timeout_s):
         raise TimeoutError(
             f"inference on a micro-batch of {len(items)} row(s) took longer than "
@@ -187,6 +207,33 @@ def _infer_with_timeout(runner: Runner, items: list, timeout_s: float | None) ->
     if not ok:
         raise value
     return value
+
+
+@atexit.register
+def _wait_for_timed_out_batches(timeout_s: float = _EXIT_WAIT_S) -> None:
+    """At exit, waits up to `timeout_s` for micro-batches given up on that still run.
+
+    A daemon thread that comes back from torch once the interpreter is finalizing is
+    ended by `pthread_exit`, and unwinding torch's C++ frames that way aborts the
+    process (`terminate called without an active exception`, exit 134) after a run
+    that succeeded. Exit handlers run before finalization, so waiting here lets such a
+    call return cleanly. A call that never returns is left to end with the process.
+    """
+    with _TIMED_THREADS_LOCK:
+        running = list(_TIMED_THREADS)
+    if not running:
+        return
+    _LOG.info("waiting for %d timed-out micro-batch(es) to end before exiting", len(running))
+    deadline = time.monotonic() + timeout_s
+    for thread in running:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    left = sum(thread.is_alive() for thread in running)
+    if left:
+        _LOG.warning(
+            "%d timed-out micro-batch(es) still running after %gs; exiting without them",
+            left,
+            timeout_s,
+        )
 
 
 def run_task(
@@ -358,10 +405,24 @@ def load_task(task: TaskBinding) -> LoadedModel:
     # Worker logs are for problems; a per-load weights progress bar is noise there.
     hf_logging.disable_progress_bar()
     started = time.perf_counter()
-    # Hub downloads can fail transiently (connection errors, HTTP 429 / 5xx).
-    runner = retry_transient(
-        lambda: task.adapter.load(task.model, device, dtype), f"load {task.model.model}"
-    )
+    runner = None
+    cached = cached_snapshot(task.model)
+    if cached is not None:
+        try:
+            runner = task.adapter.load(cached, device, dtype)
+        except Exception as err:
+            # A partial snapshot (some files fetched by hand): load by id, through the hub.
+            _LOG.warning(
+                "task %s: the cached snapshot %s does not load (%s); loading through the hub",
+                task.name,
+                cached.model,
+                err,
+            )
+    if runner is None:
+        # Hub downloads can fail transiently (connection errors, HTTP 429 / 5xx).
+        runner = retry_transient(
+            lambda: task.adapter.load(task.model, device, dtype), f"load {task.model.model}"
+        )
     _LOG.info(
         "task %s: loaded %s (%s) on %s/%s in %.1fs",
         task.name,
@@ -386,7 +447,7 @@ def apply_task(
     `on_batch(rows, padded_tokens)` is called per micro-batch, after the whole table ran.
     """
     adapter = task.adapter
-    columns = {name: table.column(name).to_pylist() for name in adapter.read_columns()}
+    columns = {name: _cells(table.column(name)) for name in adapter.read_columns()}
     started = time.perf_counter()
     inputs = adapter.row_inputs(columns)
     device, dtype = loaded.placement()
@@ -410,6 +471,27 @@ def apply_task(
         dtype=dtype,
     )
     return table, stats
+
+
+def _cells(column: pa.ChunkedArray) -> list:
+    """The column's cells as Python values, for the task adapters.
+
+    Parquet does not check that text is UTF-8 (a surrogate written the Java way, bytes
+    ED A0 80, passes): such a cell becomes an `InvalidInput`, so its row fails alone
+    and the cell itself is written back as it was read.
+    """
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        cells = []
+        for chunk in column.chunks:
+            for offset in range(len(chunk)):
+                try:
+                    cells.append(chunk[offset].as_py())
+                except UnicodeDecodeError as err:
+                    reason = f"text is not valid UTF-8 ({err.reason} at byte {err.start})"
+                    cells.append(InvalidInput(reason))
+        return cells
 
 
 class _EnrichDoFn(beam.DoFn):

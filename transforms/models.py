@@ -13,12 +13,16 @@ import functools
 import hashlib
 import logging
 import os
+import re
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = [
     "DTYPES",
     "ModelError",
     "ResolvedModel",
+    "cached_snapshot",
     "is_transient",
     "load_kwargs",
     "load_pipeline",
@@ -44,31 +48,64 @@ HUB_ATTEMPTS = 4
 HUB_FIRST_DELAY_S = 1.0
 _NETWORK_MODULES = ("httpx", "httpx2", "requests", "urllib3")
 _NETWORK_ERRORS = ("TransportError", "ConnectionError", "Timeout", "ProtocolError")
+#: How a name lookup or a refused connection reads once a client library wrapped it
+#: (requests and urllib3 keep only the text of the socket error in some paths).
+_NO_NETWORK_TEXT = re.compile(
+    r"Failed to resolve|Name or service not known|Temporary failure in name resolution"
+    r"|nodename nor servname|No address associated with hostname|Connection refused",
+    re.IGNORECASE,
+)
+
+
+def _chain(err: BaseException | None) -> Iterator[BaseException]:
+    """`err` and the exceptions it was raised from or while handling, outermost first."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def _is_unreachable(err: BaseException | None) -> bool:
+    """Whether `err` says the host cannot be reached: no name lookup, or a refusal.
+
+    No network (or no DNS) fails the lookup at once and waiting does not change it; a
+    refused connection means nothing listens there. An HTTP answer (a proxy's 502 that
+    quotes a refusal) means a server was reached.
+    """
+    links = list(_chain(err))
+    if any(getattr(link, "response", None) is not None for link in links):
+        return False
+    return any(
+        isinstance(link, socket.gaierror | ConnectionRefusedError)
+        or type(link).__name__ == "NameResolutionError"
+        or _NO_NETWORK_TEXT.search(str(link))
+        for link in links
+    )
 
 
 def is_transient(err: BaseException | None) -> bool:
     """Whether `err`, or an exception it was raised from, is worth retrying.
 
     Transient: HTTP 429 and 5xx answers, connection errors and timeouts (of httpx,
-    requests or the standard library). Offline mode, a missing repository or revision
-    and other 4xx answers are not.
+    requests or the standard library). Offline mode, a missing repository or revision,
+    other 4xx answers and an unreachable host (`_is_unreachable`) are not.
     """
     from huggingface_hub.errors import OfflineModeIsEnabled
 
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, OfflineModeIsEnabled):
+    if _is_unreachable(err):
+        return False
+    for link in _chain(err):
+        if isinstance(link, OfflineModeIsEnabled):
             return False
-        status = getattr(getattr(err, "response", None), "status_code", None)
+        status = getattr(getattr(link, "response", None), "status_code", None)
         if isinstance(status, int):
             return status == 429 or status >= 500
-        if isinstance(err, ConnectionError | TimeoutError) or any(
+        if isinstance(link, ConnectionError | TimeoutError) or any(
             cls.__module__.split(".")[0] in _NETWORK_MODULES and cls.__name__ in _NETWORK_ERRORS
-            for cls in type(err).__mro__
+            for cls in type(link).__mro__
         ):
             return True
-        err = err.__cause__ or err.__context__
     return False
 
 
@@ -279,6 +316,27 @@ def resolve_model(
         trust_remote_code=trust_remote_code,
         allow_pickle_weights=allow_pickle_weights,
     )
+
+
+def cached_snapshot(model: ResolvedModel) -> ResolvedModel | None:
+    """A hub model as the folder of its pinned commit in this machine's cache, if there.
+
+    A commit's files never change, so they load from that folder with no hub request.
+    Loaded by id, transformers asks the hub about every optional file the snapshot
+    lacks, and huggingface_hub retries each request for up to 23 s on a machine without
+    network (minutes per model). None: a local directory, or the commit is not cached.
+    """
+    if model.source != "hub" or model.revision is None:
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(model.model, revision=model.revision, local_files_only=True)
+    except Exception:  # not in the cache (LocalEntryNotFoundError) or an unusable cache
+        return None
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        return None
+    return dataclasses.replace(model, model=folder, source="local", revision=None)
 
 
 def worker_file_patterns(model: ResolvedModel) -> dict[str, list[str]]:

@@ -60,7 +60,9 @@ class ProgressWriter:
         self._rows = 0
         self._failed = 0
         self._written: tuple[int, int] | None = None
-        self._written_at = 0.0
+        # None, not 0.0: `time.monotonic()` counts from boot, so on a machine booted less
+        # than `min_interval_s` ago a 0.0 start would hold back the first count.
+        self._written_at: float | None = None
         self._broken = False
 
     @classmethod
@@ -79,7 +81,10 @@ class ProgressWriter:
         with self._lock:
             self._rows += rows
             self._failed += failed
-            if time.monotonic() - self._written_at >= self._min_interval_s:
+            due = self._written_at is None or (
+                time.monotonic() - self._written_at >= self._min_interval_s
+            )
+            if due:
                 self._write()
 
     def flush(self) -> None:

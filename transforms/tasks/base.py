@@ -56,6 +56,8 @@ class InvalidInput(ValueError):
 
 def check_text(value: Any) -> str | InvalidInput:
     """The value if it is a non-blank string, else the reason it cannot be used."""
+    if isinstance(value, InvalidInput):  # a cell that could not be read (invalid UTF-8)
+        return value
     if value is None:
         return InvalidInput("text is null")
     if not isinstance(value, str):
@@ -118,6 +120,11 @@ class TaskAdapter:
     def read_columns(self) -> list[str]:
         """Every input column the task reads; checked against the input before the run."""
         return [self.input_column]
+
+    def text_columns(self) -> list[str]:
+        """The columns of `read_columns()` that must hold text; their types are checked
+        before the run, since a column of numbers would fail every row."""
+        return self.read_columns()
 
     def row_inputs(self, columns: dict[str, list]) -> list[Any]:
         """One input per row for `Runner.prepare`, or an `InvalidInput` for a row that

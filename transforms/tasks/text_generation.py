@@ -226,6 +226,10 @@ class TextGeneration(TaskAdapter):
                 columns.append(field)
         return columns
 
+    def text_columns(self) -> list[str]:
+        # A prompt template pastes any cell as its text (`{stars}` of an int column).
+        return [self.input_column]
+
     def row_inputs(self, columns: dict[str, list]) -> list[str | InvalidInput]:
         texts = [check_text(value) for value in columns[self.input_column]]
         if self.template is None:
@@ -244,6 +248,8 @@ class TextGeneration(TaskAdapter):
                 value = columns[field][row]
                 if value is None:
                     return InvalidInput(f"prompt column {field!r} is null")
+                if isinstance(value, InvalidInput):
+                    return InvalidInput(f"prompt column {field!r}: {value}")
                 parts.append(value if isinstance(value, str) else str(value))
         return "".join(parts)
 
