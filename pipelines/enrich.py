@@ -19,10 +19,12 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import sys
+import threading
 import traceback
 import uuid
 from collections.abc import Iterator, Sequence
@@ -37,15 +39,20 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from pipelines.manifest import (
     MANIFEST,
     RunContext,
+    check_output,
     finalize_run,
+    lock_output,
     now,
+    output_state,
     prepare_output,
+    published_run_id,
     redact,
     redact_argv,
     reusable_parts,
     spec_fingerprint,
 )
 from pipelines.progress import show_progress
+from pipelines.quality_gate import QualityGateError, check_gate, gate_limits
 from pipelines.spec import JobSpec, SpecError, load_spec
 from transforms.chunks import ERRORS_COLUMN, ERRORS_TYPE
 from transforms.enrich import DEFAULT_MAX_BATCH_TOKENS, EnrichTables, TaskBinding
@@ -55,6 +62,7 @@ from transforms.io import (
     PartInfo,
     ReadTables,
     WriteTables,
+    check_output_schema,
     expand_inputs,
     file_sha256,
     iter_tables,
@@ -63,6 +71,7 @@ from transforms.io import (
     table_format,
 )
 from transforms.models import ModelError, ResolvedModel, resolve_model, worker_file_patterns
+from transforms.tasks import TaskAdapter
 
 __all__ = ["Job", "bind_tasks", "build", "job_spec_schema", "main", "prepare_job", "run"]
 
@@ -100,6 +109,8 @@ def prepare_job(
     resume: bool = False,
     csv_neutralize_formulas: bool = False,
     limit: int | None = None,
+    max_failed_rows: int | None = None,
+    max_failed_fraction: float | None = None,
 ) -> Job:
     """Checks a job against its inputs and pins its models, before any row is read.
 
@@ -121,6 +132,7 @@ def prepare_job(
     if output_format is None:
         formats = {table_format(path) for path in files}
         output_format = formats.pop() if len(formats) == 1 else "parquet"
+    check_output_schema(schema, output_format)
 
     bindings, output_schema = bind_tasks(
         spec, schema, cpu_threads=_cpu_threads_per_process(options)
@@ -145,6 +157,10 @@ def prepare_job(
         spec=spec.model_dump(mode="json"),
         tasks=[_describe_task(spec, binding) for binding in bindings],
         csv_neutralize_formulas=csv_neutralize_formulas and output_format == "csv",
+        # Not in the fingerprint: a limit changes the exit code, never a cell.
+        quality_gate=gate_limits(
+            spec, max_failed_rows=max_failed_rows, max_failed_fraction=max_failed_fraction
+        ),
     )
     context = dataclasses.replace(
         context,
@@ -239,50 +255,61 @@ def bind_tasks(
         schema: the input columns, each task's columns, then `enrich_errors`.
 
     Raises:
-        InputError: a column is missing or not text, or a task would overwrite an input
-            column.
+        InputError: a column is missing, a column a task reads as text (from the input or
+            an earlier task) is not text, or a task would overwrite an input column.
         ModelError: a model or revision cannot be found.
     """
-    bindings = []
+    if ERRORS_COLUMN in schema.names:
+        raise InputError(
+            f"the input already has column {ERRORS_COLUMN!r}, which every run adds for its "
+            "per-row errors; drop or rename that column"
+        )
+    adapters = []
     added: list[pa.Field] = []
+    added_by: dict[str, str] = {}  # an earlier task's column -> that task's name
     for task in spec.tasks:
         adapter = spec.adapter(task)
         # A task may read the input's columns and those of the tasks before it.
-        available = [*schema.names, *(field.name for field in added)]
+        types = {field.name: field.type for field in [*schema, *added]}
         for column in adapter.read_columns():
-            if column not in available:
+            if column not in types:
                 raise InputError(
                     f"task {task.name!r} reads column {column!r}, which the input does not "
-                    f"have; columns: {', '.join(available)} (set `input:` or `text_column:`)"
+                    f"have; columns: {', '.join(types)} (set `input:` or `text_column:`)"
                 )
-        _check_text_type(task.name, adapter.input_column, schema)
-        model = resolve_model(
-            task.model_id,
-            task.revision,
-            trust_remote_code=task.trust_remote_code,
-            allow_pickle_weights=task.allow_pickle_weights,
-        )
-        bindings.append(
-            TaskBinding(
-                adapter=adapter,
-                model=model,
-                device=task.device,
-                dtype=task.dtype,
-                max_batch_tokens=task.max_batch_tokens,
-                inference_timeout_s=task.inference_timeout_s,
-                share_model=task.share_model,
-                cpu_threads=cpu_threads,
+        for column in adapter.text_columns():
+            _check_text_type(adapter, column, types[column], added_by.get(column))
+        # Clashes between tasks, and with enrich_errors, are refused by the spec itself.
+        clashes = [field.name for field in adapter.fields() if field.name in schema.names]
+        if clashes:
+            raise InputError(
+                f"the input already has column(s) {clashes} that task {task.name!r} would "
+                "add; rename the task (its `name` prefixes its columns) or drop those columns"
             )
-        )
+        adapters.append(adapter)
         added.extend(adapter.fields())
-    added.append(pa.field(ERRORS_COLUMN, ERRORS_TYPE))
-    clashes = [field.name for field in added if field.name in schema.names]
-    if clashes:
-        raise InputError(
-            f"the input already has column(s) {clashes} that the tasks would add; "
-            "rename the tasks (their `name` prefixes the columns) or drop those columns"
+        added_by.update((field.name, task.name) for field in adapter.fields())
+    # Models last: a column mistake in any task is found without waiting on the hub.
+    bindings = [
+        TaskBinding(
+            adapter=adapter,
+            model=resolve_model(
+                task.model_id,
+                task.revision,
+                trust_remote_code=task.trust_remote_code,
+                allow_pickle_weights=task.allow_pickle_weights,
+            ),
+            device=task.device,
+            dtype=task.dtype,
+            max_batch_tokens=task.max_batch_tokens,
+            inference_timeout_s=task.inference_timeout_s,
+            share_model=task.share_model,
+            cpu_threads=cpu_threads,
         )
-    return bindings, pa.schema([*schema, *added])
+        for task, adapter in zip(spec.tasks, adapters, strict=True)
+    ]
+    added.append(pa.field(ERRORS_COLUMN, ERRORS_TYPE))
+    return bindings, pa.schema([*schema, *added], metadata=schema.metadata)
 
 
 def _cpu_threads_per_process(options: PipelineOptions | None) -> int | None:
@@ -322,19 +349,27 @@ def _common_schema(files: Sequence[str]) -> pa.Schema:
     return first
 
 
-def _check_text_type(task: str, column: str, schema: pa.Schema) -> None:
-    """A task's text column must hold text; a whole column of numbers is a spec mistake."""
-    if column not in schema.names:
-        return  # an earlier task's output column: typed by that task
-    type_ = schema.field(column).type
-    if pa.types.is_dictionary(type_):
-        type_ = type_.value_type
-    text = pa.types.is_string(type_) or pa.types.is_large_string(type_)
-    if not (text or pa.types.is_string_view(type_) or pa.types.is_null(type_)):
-        raise InputError(
-            f"task {task!r} reads text from column {column!r}, which holds {type_}; point "
-            "`input:` at a string column, or cast the column to string first"
-        )
+def _check_text_type(
+    adapter: TaskAdapter, column: str, type_: pa.DataType, added_by: str | None = None
+) -> None:
+    """A column a task reads as text must hold text: otherwise every row would fail.
+
+    `added_by` names the earlier task whose output column it is, if it is one.
+    """
+    value_type = type_.value_type if pa.types.is_dictionary(type_) else type_
+    text = pa.types.is_string(value_type) or pa.types.is_large_string(value_type)
+    if text or pa.types.is_string_view(value_type) or pa.types.is_null(value_type):
+        return
+    holds = f"which task {added_by!r} fills with {type_}" if added_by else f"which holds {type_}"
+    fix = (
+        "point `input:` at a string column"
+        if column == adapter.input_column
+        else "name a string column in the task's `params`"
+    )
+    raise InputError(
+        f"task {adapter.name!r} reads text from column {column!r}, {holds}; {fix}, or cast "
+        "the column to string first"
+    )
 
 
 def _describe_task(spec: JobSpec, binding: TaskBinding) -> dict:
@@ -434,48 +469,69 @@ def run(
             terminal (a terminal gets live bars).
 
     Raises:
-        SpecError, InputError, ModelError: the job cannot start (see `prepare_job`).
+        SpecError, InputError, ModelError: the job cannot start (see `prepare_job`, and
+            `check_output` / `lock_output` for an unusable or busy `--output`).
+        QualityGateError: the run published its output, but a task failed more rows than
+            `max_failed_rows` / `max_failed_fraction` allow.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args, beam_args = _parser().parse_known_args(argv)
     spec = load_spec(args.spec)
     options = PipelineOptions(beam_args)
-    job = prepare_job(
-        spec,
-        args.input,
-        args.output,
-        output_format=args.output_format,
-        argv=["beam-enrich", *argv],
-        options=options,
-        resume=args.resume,
-        csv_neutralize_formulas=args.csv_neutralize_formulas,
-        limit=args.limit,
-    )
-    prepare_output(job.context, resume=args.resume)
-    progress_root = _progress_root(job.context)
-    progress_dir = None
-    if progress_root is not None and not args.quiet:
-        progress_dir = os.path.join(progress_root, job.context.run_id)
-        bindings = [dataclasses.replace(b, progress_dir=progress_dir) for b in job.bindings]
-        job = dataclasses.replace(job, bindings=bindings)
-    pipeline = _make_pipeline(options)
-    build(pipeline, job)
-    progress = show_progress(
-        progress_dir,
-        [binding.name for binding in job.bindings],
-        job.context.rows_total,
-        quiet=args.quiet,
-        interval_s=progress_interval_s,
-    )
-    try:
-        with progress:
-            result = pipeline.run()
-            result.wait_until_finish()
-    finally:
-        if progress_root is not None:
-            # Killed runs' folders go too: two runs on one output at once are not supported.
-            shutil.rmtree(progress_root, ignore_errors=True)
+    # Before any model loads: where the output goes must be writable and hold nothing
+    # a run would wrongly delete. The lock is taken before anything there changes.
+    output = check_output(args.output, expand_inputs(args.input))
+    run_id = dt_run_id()
+    with lock_output(output, run_id):
+        job = prepare_job(
+            spec,
+            args.input,
+            output,
+            output_format=args.output_format,
+            argv=["beam-enrich", *argv],
+            options=options,
+            resume=args.resume,
+            csv_neutralize_formulas=args.csv_neutralize_formulas,
+            limit=args.limit,
+            max_failed_rows=args.max_failed_rows,
+            max_failed_fraction=args.max_failed_fraction,
+        )
+        # One run id for the lock, the staging folder and the manifest.
+        job = dataclasses.replace(job, context=dataclasses.replace(job.context, run_id=run_id))
+        prepare_output(job.context, resume=args.resume)
+        progress_root = _progress_root(job.context)
+        progress_dir = None
+        if progress_root is not None and not args.quiet:
+            progress_dir = os.path.join(progress_root, job.context.run_id)
+            bindings = [dataclasses.replace(b, progress_dir=progress_dir) for b in job.bindings]
+            job = dataclasses.replace(job, bindings=bindings)
+        pipeline = _make_pipeline(options)
+        build(pipeline, job)
+        progress = show_progress(
+            progress_dir,
+            [binding.name for binding in job.bindings],
+            job.context.rows_total,
+            quiet=args.quiet,
+            interval_s=progress_interval_s,
+        )
+        try:
+            with progress:
+                result = pipeline.run()
+                result.wait_until_finish()
+        finally:
+            if progress_root is not None:
+                # Killed runs' folders go too: the lock keeps live runs off this output.
+                shutil.rmtree(progress_root, ignore_errors=True)
+    _check_published_gate(job.context.output)
     return result
+
+
+def _check_published_gate(output: str) -> None:
+    """The quality gate, on the driver, from the published manifest's per-task counts."""
+    path = FileSystems.join(output, MANIFEST)
+    if FileSystems.exists(path):  # absent: a runner that returned before the job ended
+        with FileSystems.open(path) as handle:
+            check_gate(json.load(handle))
 
 
 def _progress_root(context: RunContext) -> str | None:
@@ -534,6 +590,22 @@ def _parser() -> argparse.ArgumentParser:
         "to try a spec before the full run",
     )
     parser.add_argument(
+        "--max-failed-rows",
+        type=_row_count,
+        default=None,
+        metavar="N",
+        help="quality gate: when a task fails more than N rows, publish the output, then "
+        "exit 3 (replaces the spec's run-level max_failed_rows; a task's own still wins)",
+    )
+    parser.add_argument(
+        "--max-failed-fraction",
+        type=_fraction,
+        default=None,
+        metavar="F",
+        help="quality gate: when a task fails more than this fraction (0 to 1) of its rows, "
+        "publish the output, then exit 3 (replaces the spec's run-level value)",
+    )
+    parser.add_argument(
         "--quiet",
         action="store_true",
         help="no progress, no summary line and no warnings: errors only",
@@ -551,11 +623,53 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _row_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of rows, 0 or more, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a fraction from 0 to 1, got {text!r}")
+    return value
+
+
 _INPUT_ERROR = re.compile(r"InputError: (cannot read [^\n]*)")
 
 
 def _drop_input_errors(record: logging.LogRecord) -> bool:
     return not (record.exc_info and isinstance(record.exc_info[1], InputError))
+
+
+def _drop_interrupts(record: logging.LogRecord) -> bool:
+    return not (record.exc_info and _caused_by_interrupt(record.exc_info[1]))
+
+
+def _caused_by_interrupt(err: BaseException | None) -> bool:
+    """Whether `err` is a KeyboardInterrupt or was raised while handling one."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _interrupted(output: str | None, previous_run: str | None) -> int:
+    """Ctrl-C: says what a run left on disk; exits 130, as a shell does for SIGINT."""
+    state = f"; {output_state(output, previous_run)}" if output is not None else ""
+    print(f"beam-enrich: interrupted{state}", file=sys.stderr)
+    return 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -570,6 +684,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # of it (with the worker traceback) would only repeat it.
     beam_log = logging.getLogger("apache_beam.runners.common")
     beam_log.addFilter(_drop_input_errors)
+    beam_log.addFilter(_drop_interrupts)  # Ctrl-C: one line below says what it left
+    output = previous_run = None
     try:
         if argv[:1] == ["validate"]:
             return _validate(argv[1:])
@@ -578,7 +694,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv[:1] == ["download"]:
             return _download(argv[1:])
         quiet = _parser().parse_known_args(argv)[0].quiet
-        with _errors_only() if quiet else contextlib.nullcontext():
+        # A failed run's last line says what is on disk, compared with what was there.
+        output = _parser().parse_known_args(argv)[0].output
+        previous_run = published_run_id(output)
+        with _errors_only(argv) if quiet else contextlib.nullcontext():
             run(argv)
     except SpecError as err:
         print(f"beam-enrich: error: {err}", file=sys.stderr)
@@ -586,7 +705,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InputError, ModelError) as err:
         print(f"beam-enrich: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    except QualityGateError as err:
+        # The output is complete and published: a scheduler marks the run failed (3).
+        if not quiet:
+            _print_summary(output)
+        print(f"beam-enrich: error: {err}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        return _interrupted(output, previous_run)
     except Exception as err:
+        if _caused_by_interrupt(err):  # Beam re-raises a Ctrl-C in a step as RuntimeError
+            return _interrupted(output, previous_run)
         # A runner that runs workers in other processes hands back their InputError as
         # text: an unreadable input is still the input's fault (exit 2), not the run's.
         found = _INPUT_ERROR.search(str(err))
@@ -599,7 +728,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"beam-enrich: error: the run failed ({type(err).__name__}: "
             f"{str(err).strip().splitlines()[-1][:300] if str(err).strip() else ''}); "
-            f"no manifest was written to {output}",
+            f"{output_state(output, previous_run)}",
             file=sys.stderr,
         )
         return 1
@@ -609,18 +738,72 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 @contextlib.contextmanager
-def _errors_only() -> Iterator[None]:
-    """`--quiet`: Beam's and transformers' warnings are dropped too, for the run only."""
+def _errors_only(argv: Sequence[str]) -> Iterator[None]:
+    """`--quiet`: Beam's and transformers' warnings are dropped too, for the run only,
+    and so are those of local worker processes."""
     # transformers logs through its own handler, not the root logger's.
     loggers = [logging.getLogger(), logging.getLogger("transformers")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
     try:
-        yield
+        with _worker_logs_dropped() if _runs_worker_processes(argv) else contextlib.nullcontext():
+            yield
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
+
+
+def _runs_worker_processes(argv: Sequence[str]) -> bool:
+    """Whether the run starts local worker processes that share this process's stderr."""
+    options = PipelineOptions(_parser().parse_known_args(argv)[1])
+    from apache_beam.options.pipeline_options import DirectOptions
+
+    mode = options.view_as(DirectOptions).direct_running_mode
+    return mode == "multi_processing" and _runs_locally(_runner_name(options))
+
+
+#: A line a worker process logs below ERROR (Python's default log format, which Beam's
+#: SDK harness gets from `logging.basicConfig`).
+_WORKER_LOG_BELOW_ERROR = re.compile(rb"(?:DEBUG|INFO|WARNING):")
+
+
+@contextlib.contextmanager
+def _worker_logs_dropped() -> Iterator[None]:
+    """Drops the lines worker processes log below ERROR from stderr, for the run only.
+
+    Beam's multi-process workers are child processes writing to this process's stderr.
+    They log at INFO from their first import on, and FnApiRunner hands them none of the
+    pipeline's options, so `--default_sdk_harness_log_level` cannot quiet them.
+    Everything else written to stderr meanwhile (errors, a worker that crashes) passes
+    through unchanged.
+    """
+    sys.stderr.flush()
+    try:
+        stderr = os.dup(2)
+    except OSError:  # no stderr at all: nothing to keep quiet
+        yield
+        return
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def forward() -> None:
+        # Ends when every writer (this process's fd 2, each worker) has closed the pipe.
+        with open(read_end, "rb") as lines, open(stderr, "wb", buffering=0) as target:
+            for line in lines:
+                if not _WORKER_LOG_BELOW_ERROR.match(line):
+                    target.write(line)
+
+    forwarder = threading.Thread(target=forward, name="beam-enrich-stderr", daemon=True)
+    forwarder.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(stderr, 2)  # closes this process's end of the pipe
+        # The workers have exited when the run returns; a lingering one is not waited for.
+        forwarder.join(timeout=5.0)
 
 
 def _validate(argv: Sequence[str]) -> int:

@@ -18,12 +18,14 @@ import os
 import platform
 import re
 import shutil
+import socket
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
+from pipelines.quality_gate import evaluate_gate
 from pipelines.report import REPORT, summarize_output, write_report
 from transforms.io import (
     InputError,
@@ -39,9 +41,13 @@ __all__ = [
     "ERRORS_FILE",
     "MANIFEST",
     "RunContext",
+    "check_output",
     "finalize_run",
     "input_key",
+    "lock_output",
+    "output_state",
     "prepare_output",
+    "published_run_id",
     "redact",
     "reusable_parts",
     "spec_fingerprint",
@@ -52,6 +58,10 @@ MANIFEST = "manifest.json"
 ERRORS_FILE = "errors.jsonl"
 _MIME = "application/octet-stream"
 _STAGING_SUFFIX = ".beam-enrich"
+_LOCK = "lock"
+# Object stores only: written before a publish deletes the old output, removed after.
+_PUBLISHING = "publishing"
+_PART_FILE = re.compile(r"part-\d{5,}-of-\d{5,}\.(?:parquet|csv)")
 _SECRET = re.compile(r"token|secret|password|passwd|credential|api_?key|private_key", re.I)
 _LOG = logging.getLogger(__name__)
 
@@ -127,6 +137,8 @@ class RunContext:
         limit: the run covers only the first `limit` input rows (`--limit`); None: all.
         rows_total: the rows this run enriches (inputs reused by `--resume` left out),
             for progress; None when unknown (inputs on remote filesystems).
+        quality_gate: each task's failed-row limits and the command line's
+            (`pipelines.quality_gate.gate_limits`); empty: no limits.
     """
 
     run_id: str
@@ -145,12 +157,12 @@ class RunContext:
     csv_neutralize_formulas: bool = False
     limit: int | None = None
     rows_total: int | None = None
+    quality_gate: dict = dataclasses.field(default_factory=dict)
 
     @property
     def staging_root(self) -> str:
         """`.<name>.beam-enrich` beside the output: hidden, and never mistaken for it."""
-        head, tail = FileSystems.split(self.output)
-        return FileSystems.join(head, f".{tail}{_STAGING_SUFFIX}")
+        return _staging_root(self.output)
 
     @property
     def files_dir(self) -> str:
@@ -207,12 +219,17 @@ def spec_fingerprint(
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+def _staging_root(output: str) -> str:
+    head, tail = FileSystems.split(output)
+    return FileSystems.join(head, f".{tail}{_STAGING_SUFFIX}")
+
+
 def _existing_outputs(output: str) -> list[str]:
     names = (MANIFEST, ERRORS_FILE, REPORT, "part-*")
     patterns = [FileSystems.join(output, name) for name in names]
     found = []
     for result in FileSystems.match(patterns):
-        found.extend(m.path for m in result.metadata_list)
+        found.extend(m.path for m in result.metadata_list if _own_name(m.path.rsplit("/", 1)[-1]))
     # The old manifest goes first: from then on the folder is no longer marked complete.
     return sorted(found, key=lambda path: not path.endswith(MANIFEST))
 
@@ -222,36 +239,312 @@ def _is_local(path: str) -> bool:
 
 
 def _own_name(name: str) -> bool:
-    return name in (MANIFEST, ERRORS_FILE, REPORT, "_temporary") or name.startswith("part-")
+    """Whether beam-enrich writes a file of this name into an output folder."""
+    return name in (MANIFEST, ERRORS_FILE, REPORT) or bool(_PART_FILE.fullmatch(name))
+
+
+def check_output(output: str, inputs: Sequence[str] = ()) -> str:
+    """Checks `--output` before any model loads; returns the folder the run writes.
+
+    A run replaces the whole folder, so the folder must be new, empty, or an earlier
+    beam-enrich output holding nothing else, and must not contain an input file or the
+    working folder. A local symlink stands for its target: the run publishes into the
+    target and the link stays.
+
+    Args:
+        output: `--output` as given.
+        inputs: the input files, as `expand_inputs` lists them.
+
+    Returns:
+        The output folder: `output` without a trailing `/`, or a symlink's target.
+
+    Raises:
+        InputError: the output cannot be written there, or a run would delete something
+            beam-enrich did not write.
+    """
+    output = output.rstrip("/") or "/"
+    if _is_local(output):
+        if os.path.islink(output):
+            output = os.path.realpath(output)
+        _check_local_location(output, inputs)
+    else:
+        for path in inputs:
+            if path.startswith(output + "/"):
+                raise InputError(
+                    f"--output {output} contains input file {path} and a run replaces the "
+                    "whole folder; name an output folder outside the inputs"
+                )
+    _check_replaceable(output)
+    return output
+
+
+def _check_local_location(output: str, inputs: Sequence[str]) -> None:
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise InputError(f"--output {output} is a file; name a folder (new or earlier output)")
+    real = os.path.realpath(output)
+    inside = [("the working folder", os.getcwd())]
+    inside += [(f"input file {path}", path) for path in inputs if _is_local(path)]
+    for label, path in inside:
+        if os.path.commonpath([real, os.path.realpath(path)]) == real:
+            raise InputError(
+                f"--output {output} is or contains {label} and a run replaces the whole "
+                "folder; name an output folder outside the inputs and the working folder"
+            )
+    # The staging folder goes beside the output and the output is renamed: the nearest
+    # existing folder above it must be writable.
+    existing = os.path.dirname(os.path.abspath(output))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise InputError(
+            f"--output {output}: {existing} is a file, not a folder; name a path under folders"
+        )
+    for folder in (existing, output):
+        if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):
+            raise InputError(
+                f"--output {output}: the folder {folder} is not writable; name a folder you "
+                "can write to, or fix its permissions"
+            )
+
+
+def _check_replaceable(output: str) -> None:
+    """Refuses an output folder holding anything beam-enrich did not write."""
+    names = _entries(output)
+    if not names:
+        return
+    foreign = sorted(name for name in names if not _own_name(name))
+    own_manifest = MANIFEST in names and _own_manifest(output) is not None
+    if not foreign and (own_manifest or (MANIFEST not in names and _publish_began(output))):
+        return  # an earlier output, or one whose publish on an object store was cut short
+    shown = sorted(foreign or names)
+    listing = ", ".join(shown[:5]) + (", …" if len(shown) > 5 else "")
+    if own_manifest:
+        raise InputError(
+            f"--output {output} is an earlier beam-enrich output but also holds {listing}, "
+            "which a run would delete (it replaces the whole folder); move them out of the "
+            "folder or name another output folder"
+        )
+    why = "its manifest.json is not beam-enrich's" if MANIFEST in names else "no manifest.json"
+    raise InputError(
+        f"--output {output} is not an earlier beam-enrich output ({why}) and holds {listing}; "
+        "a run replaces the whole folder, so name a new or empty folder, or an earlier run's "
+        "output"
+    )
+
+
+def _entries(output: str) -> list[str]:
+    """The names in the output folder; sub-folders end with `/`, links with `@`."""
+    if _is_local(output):
+        if not os.path.isdir(output):
+            return []
+        names = []
+        with os.scandir(output) as entries:
+            for entry in entries:
+                # beam-enrich writes plain files only: a folder or a link is foreign.
+                if entry.is_symlink():
+                    names.append(f"{entry.name}@")
+                elif entry.is_dir():
+                    names.append(f"{entry.name}/")
+                else:
+                    names.append(entry.name)
+        return names
+    try:
+        (result,) = FileSystems.match([FileSystems.join(output, "**")])
+    except Exception as err:
+        raise InputError(
+            f"cannot list --output {output} ({type(err).__name__}: "
+            f"{' '.join(str(err).split())[:300]}); check the path and your access to it"
+        ) from err
+    names = set()
+    for metadata in result.metadata_list:
+        relative = metadata.path[len(output) :].lstrip("/")
+        if relative:
+            head, slash, _ = relative.partition("/")
+            names.add(head + slash)
+    return sorted(names)
+
+
+def _own_manifest(output: str) -> dict | None:
+    """The output's manifest if beam-enrich wrote it (judged by the keys it always has)."""
+    try:
+        with FileSystems.open(FileSystems.join(output, MANIFEST)) as handle:
+            data = json.loads(handle.read())
+    except Exception:  # missing, unreadable or not JSON: not an output of ours
+        return None
+    if not isinstance(data, dict):
+        return None
+    output_entry, found = data.get("output"), data.get("versions")
+    if (
+        isinstance(data.get("run_id"), str)
+        and isinstance(data.get("fingerprint"), str)
+        and isinstance(output_entry, dict)
+        and "path" in output_entry
+        and isinstance(found, dict)
+        and "beam-enrich" in found
+    ):
+        return data
+    return None
+
+
+def _publish_began(output: str) -> bool:
+    # Object stores publish file by file: a run cut short there leaves part files and
+    # no manifest, and this marker says that they are beam-enrich's.
+    return FileSystems.exists(FileSystems.join(_staging_root(output), _PUBLISHING))
+
+
+def published_run_id(output: str) -> str | None:
+    """The run id of the complete beam-enrich output in `output`; None when there is none."""
+    try:
+        manifest = _own_manifest(output.rstrip("/") or "/")
+    except Exception:
+        return None
+    return manifest["run_id"] if manifest else None
+
+
+def output_state(output: str, previous_run_id: str | None) -> str:
+    """What a failed or interrupted run left in `output`, in words, for its last message.
+
+    Args:
+        output: `--output` as given.
+        previous_run_id: `published_run_id(output)` before the run.
+    """
+    current = published_run_id(output)
+    if current is not None and current == previous_run_id:
+        return f"the previous output in {output} is unchanged"
+    if current is not None:
+        return f"the new output in {output} is complete (run {current})"
+    if not _is_local(output) and previous_run_id is not None:
+        return (
+            f"{output} holds no complete output (the previous one was being replaced and "
+            "has no manifest.json); run again"
+        )
+    if previous_run_id is not None:
+        return (
+            f"{output} is missing: the previous output was moved aside and the next run "
+            "puts it back"
+        )
+    if not _is_local(output):
+        return f"no manifest was written to {output}, so it holds no complete output"
+    return f"nothing was written to {output}"
+
+
+@contextlib.contextmanager
+def lock_output(output: str, run_id: str) -> Iterator[None]:
+    """Holds the output's lock while a run works on it; a second run on it is refused.
+
+    Local outputs: `lock` in the staging folder, held with `flock`, which the kernel
+    releases when the process ends, however it ends: a killed run's lock never blocks
+    the next. Object stores have no locks: there a lock file is checked and written
+    (best effort: two runs starting at the same moment can both proceed).
+
+    Raises:
+        InputError: another run holds the lock; its run id, pid and host are named.
+    """
+    output = output.rstrip("/") or "/"
+    holder = {"run_id": run_id, "pid": os.getpid(), "host": socket.gethostname()}
+    path = FileSystems.join(_staging_root(output), _LOCK)
+    if _is_local(output):
+        with _local_lock(output, path, holder):
+            yield
+        return
+    if FileSystems.exists(path):
+        other = _read_lock(path)
+        if not _dead_here(other):
+            raise InputError(
+                f"--output {output} is being written by another run ({_describe(other)}); "
+                f"wait for it to end, or name another output; if no run is writing it, "
+                f"delete {path}"
+            )
+    _write_json(path, holder)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            FileSystems.delete([path])
+
+
+@contextlib.contextmanager
+def _local_lock(output: str, path: str, holder: dict) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): runs there are not locked
+        yield
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = _read_lock(path)
+            os.close(fd)
+            raise InputError(
+                f"--output {output} is being written by another run ({_describe(other)}); "
+                "wait for it to end, or name another output"
+            ) from None
+        except OSError:
+            os.close(fd)
+            _LOG.warning("beam-enrich: %s cannot be locked on this filesystem", path)
+            yield
+            return
+        # The holder before us may have deleted the file between our open and flock.
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.stat(path), os.fstat(fd)):
+                break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(holder).encode("utf-8"))
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+            os.rmdir(os.path.dirname(path))  # only if empty: a job that could not start
+        os.close(fd)
+
+
+def _read_lock(path: str) -> dict:
+    try:
+        with FileSystems.open(path) as handle:
+            data = json.loads(handle.read())
+    except Exception:  # just created, not yet written
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _describe(holder: dict) -> str:
+    if not holder.get("run_id"):
+        return "one that is starting"
+    return f"run id {holder['run_id']}, pid {holder.get('pid')} on {holder.get('host')}"
+
+
+def _dead_here(holder: dict) -> bool:
+    """Whether the lock's holder ran on this host and its process is gone."""
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, and someone else's
+        return False
+    return False
 
 
 def prepare_output(context: RunContext, *, resume: bool) -> None:
     """Readies the output's name for a run, on the driver, before any row is read.
 
-    Puts back a previous output that a run killed mid-swap had moved aside, deletes
+    Puts back a previous output that a run killed mid-swap had moved aside, and deletes
     what crashed runs left staged (all of it, or with `resume` only the results staged
-    under other fingerprints), and refuses an output folder that holds files beam-enrich
-    did not write, since a run replaces the whole folder.
-
-    Raises:
-        InputError: `--output` is a file, or a folder holding other files.
+    under other fingerprints). Call it after `check_output`, holding `lock_output`.
     """
     output, root = context.output, context.staging_root
     if not _is_local(output):
         if not resume:
-            _delete_tree(root)
+            keep = {FileSystems.join(root, name) for name in (_LOCK, _PUBLISHING)}
+            _delete_tree(root, keep=keep)
         return
-    if os.path.exists(output):
-        if not os.path.isdir(output):
-            raise InputError(f"--output {output} is a file; name a folder (new or earlier output)")
-        names = os.listdir(output)
-        foreign = sorted(name for name in names if not _own_name(name))
-        if foreign and MANIFEST not in names:
-            raise InputError(
-                f"--output {output} holds files beam-enrich did not write "
-                f"({', '.join(foreign[:5])}{', …' if len(foreign) > 5 else ''}) and a run "
-                "replaces the whole folder; name a new folder or an earlier run's output"
-            )
     if not os.path.isdir(root):
         return
     previous = sorted(glob.glob(os.path.join(glob.escape(root), "previous-*")))
@@ -275,10 +568,11 @@ def reusable_parts(context: RunContext) -> dict[int, PartInfo]:
     return staged_parts(context.files_dir, context.part_names)
 
 
-def _delete_tree(path: str) -> None:
+def _delete_tree(path: str, *, keep: set[str] = frozenset()) -> None:
     matched = FileSystems.match([FileSystems.join(path, "**")])[0].metadata_list
-    if matched:
-        FileSystems.delete([m.path for m in matched])
+    doomed = [m.path for m in matched if m.path not in keep]
+    if doomed:
+        FileSystems.delete(doomed)
 
 
 def finalize_run(parts: list[PartInfo], context: RunContext) -> dict:
@@ -306,10 +600,12 @@ def _part_sources(parts: list[PartInfo], context: RunContext) -> list[str]:
     fmt = context.output_format
     if not parts or (context.spec.get("keep_order") and len(parts) > 1):
         # No rows still gives a readable output with the full schema; keep_order gives
-        # one file, the per-file parts in input order.
-        if not FileSystems.exists(context.files_dir):
-            FileSystems.mkdirs(context.files_dir)
-        merged = FileSystems.join(context.files_dir, f"merged-{context.run_id}.{fmt}")
+        # one file, the per-file parts in input order. It is made in this run's own
+        # staging folder, which publishing moves in or deletes: the resumable per-file
+        # results (`files_dir`) never gather a merged copy per run.
+        if not FileSystems.exists(context.staging_dir):
+            FileSystems.mkdirs(context.staging_dir)
+        merged = FileSystems.join(context.staging_dir, f"merged.{fmt}")
         if parts:
             concatenate_parts([part.path for part in parts], merged, fmt, context.output_schema)
         else:
@@ -328,6 +624,9 @@ def _publish_local(parts: list[PartInfo], context: RunContext) -> dict:
     sources = _part_sources(parts, context)
     names = _final_names(build, len(sources), context.output_format)
     for source, name in zip(sources, names, strict=True):
+        if os.path.normpath(os.path.dirname(source)) == os.path.normpath(build):
+            os.replace(source, name)  # made for this run (keep_order's merge): moved in
+            continue
         try:  # staged results stay until the swap is done, for a resumed run
             os.link(source, name)
         except OSError:
@@ -346,8 +645,14 @@ def _publish_local(parts: list[PartInfo], context: RunContext) -> dict:
     previous = os.path.join(context.staging_root, f"previous-{context.run_id}")
     if os.path.exists(context.output):
         os.rename(context.output, previous)
-    kill_point("swapping")
-    os.rename(build, context.output)
+    try:
+        kill_point("swapping")
+        os.rename(build, context.output)
+    except BaseException:
+        # Interrupted (Ctrl-C) or the rename failed: the previous output goes back now.
+        if os.path.exists(previous) and not os.path.exists(context.output):
+            os.rename(previous, context.output)
+        raise
     shutil.rmtree(previous, ignore_errors=True)
     # The staged per-file results stay (hard links to the parts, so no second copy
     # unless keep_order merged them): a later `--resume` of the same job reuses final
@@ -361,6 +666,9 @@ def _publish_remote(parts: list[PartInfo], context: RunContext) -> dict:
     # Best effort: object stores rename object by object.
     sources = _part_sources(parts, context)
     old = _existing_outputs(context.output)
+    # From here until the new manifest is written, the output holds part files and no
+    # manifest: the marker tells the next run's check_output that they are ours.
+    _write_json(FileSystems.join(context.staging_root, _PUBLISHING), {"run": context.run_id})
     if old:
         FileSystems.delete(old)
     final = _final_names(context.output, len(sources), context.output_format)
@@ -374,7 +682,7 @@ def _publish_remote(parts: list[PartInfo], context: RunContext) -> dict:
     temporary = FileSystems.join(context.staging_dir, MANIFEST)
     _write_json(temporary, manifest)
     FileSystems.rename([temporary], [FileSystems.join(context.output, MANIFEST)])
-    _delete_tree(context.staging_root)
+    _delete_tree(context.staging_root, keep={FileSystems.join(context.staging_root, _LOCK)})
     return manifest
 
 
@@ -474,6 +782,8 @@ def _manifest(parts: list[PartInfo], final: list[str], context: RunContext) -> d
             "failed": {task["name"]: failed.get(task["name"], 0) for task in context.tasks},
         },
         "tasks": tasks,
+        # Evaluated again by the driver once the output is published (exit code 3).
+        "quality_gate": evaluate_gate(context.quality_gate, tasks),
         "spec": context.spec,
         "versions": versions(),
     }

@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     SerializeAsAny,
     StrictBool,
+    StrictFloat,
     StrictInt,
     ValidationError,
     ValidatorFunctionWrapHandler,
@@ -30,6 +31,7 @@ from pydantic import (
     model_validator,
 )
 
+from transforms.chunks import ERRORS_COLUMN
 from transforms.models import DTYPES
 from transforms.tasks import (
     ADAPTERS,
@@ -49,6 +51,11 @@ _PATTERN_HELP = {
     "(it prefixes the task's column names)",
     "device": "expected auto, cpu, cuda or cuda:N",
 }
+
+
+# Quality-gate limits (pipelines.quality_gate): a run whose task fails more rows exits 3.
+_FailedRows = Annotated[StrictInt, Field(ge=0)]
+_FailedFraction = Annotated[StrictFloat, Field(ge=0, le=1, allow_inf_nan=False)]
 
 
 class SpecError(ValueError):
@@ -90,6 +97,14 @@ class TaskSpec(_Frozen):
     )
     share_model: Literal["auto", "process", "machine"] = Field(
         "auto", description="one model per SDK process, or one per machine (auto: per GPU)"
+    )
+    max_failed_rows: _FailedRows | None = Field(
+        None, description="quality gate for this task (overrides the run's): exit 3 above it"
+    )
+    max_failed_fraction: _FailedFraction | None = Field(
+        None,
+        description="quality gate for this task (overrides the run's): exit 3 when a larger "
+        "fraction of its rows fails",
     )
     params: Any = None
 
@@ -213,6 +228,16 @@ class JobSpec(_Frozen):
     max_new_tokens_limit: StrictInt = Field(
         1024, gt=0, description="the most new tokens any generation task may ask for"
     )
+    max_failed_rows: _FailedRows | None = Field(
+        None,
+        description="quality gate: the run publishes, then exits 3 when a task fails more "
+        "rows (--max-failed-rows overrides it)",
+    )
+    max_failed_fraction: _FailedFraction | None = Field(
+        None,
+        description="quality gate: the run publishes, then exits 3 when a task fails a larger "
+        "fraction of its rows (--max-failed-fraction overrides it)",
+    )
     tasks: list[_AnyTask] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -241,6 +266,28 @@ class JobSpec(_Frozen):
                 self.adapter(task)
             except ValueError as err:
                 raise ValueError(f"tasks[{i}]: {err}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _columns_are_distinct(self) -> JobSpec:
+        # Two tasks adding one column would write a Parquet file pyarrow cannot read and
+        # a CSV with a duplicate header, after all the inference: refuse it here.
+        owners: dict[str, int] = {}
+        for i, task in enumerate(self.tasks):
+            for field in self.adapter(task).fields():
+                if field.name == ERRORS_COLUMN:
+                    raise ValueError(
+                        f"tasks[{i}].name: task {task.name!r} would add column "
+                        f"{field.name!r}, which every run adds for its per-row errors; rename "
+                        "the task (its `name` prefixes its columns)"
+                    )
+                j = owners.setdefault(field.name, i)
+                if j != i:
+                    raise ValueError(
+                        f"tasks[{i}].name: task {task.name!r} adds column {field.name!r}, "
+                        f"which task {self.tasks[j].name!r} (tasks[{j}]) adds too; rename one "
+                        "of them (a task's `name` prefixes its columns)"
+                    )
         return self
 
     def adapter(self, task: TaskSpec) -> TaskAdapter:
@@ -369,7 +416,44 @@ def load_spec(path: str | Path) -> JobSpec:
             f"job spec {path} is not UTF-8 text: {err.reason} at byte {err.start}"
         ) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no Python objects
+    except _DuplicateKey as err:
+        raise SpecError(f"invalid job spec {path}: {err}") from None
     except yaml.YAMLError as err:
         raise SpecError(f"job spec {path} is not valid YAML: {err}") from None
     return parse_spec(data, str(path))
+
+
+class _DuplicateKey(ValueError):
+    """A key given twice in one YAML mapping."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping.
+
+    PyYAML keeps the last of two equal keys without a word, so a job would silently run
+    with half of what its spec says (`params:` twice: the first block is dropped).
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults`: keys beside it override the anchor's on purpose
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:
+                continue  # an unhashable key: the safe loader itself reports it
+            second = key_node.start_mark
+            if first is not second:
+                where = (
+                    f"line {first.line + 1}, columns {first.column + 1} and {second.column + 1}"
+                    if first.line == second.line
+                    else f"lines {first.line + 1} and {second.line + 1}"
+                )
+                raise _DuplicateKey(
+                    f"key {key!r} appears twice in one mapping ({where}); keep one (YAML "
+                    "would silently keep only the last)"
+                )
+        return super().construct_mapping(node, deep=deep)

@@ -284,7 +284,10 @@ def test_remote_input_and_output_through_beam_filesystems(tmp_path, tiny_models,
     bucket["memfs://in/notes.txt"] = b"not matched by the glob"
     # A previous run's output: replaced, its stale part deleted.
     bucket["memfs://out/run/part-00000-of-00003.parquet"] = b"stale"
-    bucket["memfs://out/run/manifest.json"] = b"{}"
+    earlier = {"run_id": "r", "fingerprint": "f", "output": {"path": "memfs://out/run"}}
+    bucket["memfs://out/run/manifest.json"] = json.dumps(
+        {**earlier, "versions": {"beam-enrich": "0"}}  # the keys every manifest has
+    ).encode()
     spec = write_spec(tmp_path / "job.yaml", tiny_models)
 
     argv = ["--input", "memfs://in/*.parquet", "--output", "memfs://out/run", "--spec", str(spec)]
