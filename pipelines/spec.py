@@ -86,7 +86,9 @@ class TaskSpec(_Frozen):
         "default 2048 on CPU, 8192 on GPU (twice that for text-generation)",
     )
     on_long_input: Literal["truncate", "chunk"] = Field(
-        "truncate", description="truncate to the model's limit, or cover the text in windows"
+        "truncate",
+        description="truncate to the model's limit, or cover the text in windows; "
+        "default per task (chunk for question-answering, as 4.x did)",
     )
     trust_remote_code: StrictBool = False
     allow_pickle_weights: StrictBool = Field(
@@ -153,6 +155,13 @@ def _task_variant(adapter: type[TaskAdapter], task_names: tuple[str, ...]) -> ty
         f"TaskSpec_{adapter.params_type.__name__}",
         __base__=TaskSpec,
         task=(Literal[task_names], ...),
+        on_long_input=(
+            Literal["truncate", "chunk"],
+            Field(
+                adapter.default_on_long_input,
+                description=TaskSpec.model_fields["on_long_input"].description,
+            ),
+        ),
         # A missing `params` is validated as {} (see _empty_params), so a family with
         # required parameters names them: tasks[0].params.candidate_labels.
         params=(adapter.params_type, Field(None, validate_default=True)),

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
 from pipelines.enrich import main
+from pipelines.spec import parse_spec
 from transforms.enrich import run_task
 from transforms.models import resolve_model
 from transforms.tasks.question_answering import (
@@ -315,3 +316,47 @@ def test_question_answering_end_to_end(tmp_path, tiny_models, sample_texts, sour
         for ours, theirs in zip(row["qa_answers"], expected, strict=True):
             _assert_same(ours, theirs, context)
     assert max(reference.windows_seen) > 1
+
+
+def test_whole_context_is_read_by_default(tiny_models, sample_texts):
+    """As 4.x did: an answer past the model's first window is found without any option,
+    and only `on_long_input: truncate` misses it."""
+    path = tiny_models["question-answering"]
+    params = QuestionAnsweringParams(question_column="question", max_seq_len=96, doc_stride=32)
+    contexts = [" ".join(sample_texts[i : i + 6]) for i in range(0, 36, 6)]
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(len(contexts))]
+    spec = parse_spec(
+        {"tasks": [{"name": "qa", "task": "question-answering", "params": {"question": "Why?"}}]}
+    )
+    assert spec.tasks[0].on_long_input == "chunk"
+    assert QuestionAnswering("qa", params).on_long_input == "chunk"
+
+    adapter = QuestionAnswering("qa", params, input_column="context")  # the default
+    runner = adapter.load(resolve_model(str(path)), "cpu", "fp32")
+    columns = {"context": contexts, "question": questions}
+    by_default, errors, truncated = run_task(runner, adapter.row_inputs(columns), SMALL_BUDGET)
+    assert errors == [None] * len(contexts) and truncated == 0
+    cut, _, cut_rows = _run(path, params, questions, contexts, on_long_input="truncate")
+    assert cut_rows == len(contexts)
+
+    reference = _BruteForce(path)
+    first_window_ends = []
+    for question, context, whole, first in zip(questions, contexts, by_default, cut, strict=True):
+        _assert_same(_best(whole), reference(question, context, params)[0], context)
+        _assert_same(_best(first), reference(question, context, params, chunk=False)[0], context)
+        window = reference.tokenizer(question, context, **_window_options(params)).encodings[0]
+        first_window_ends.append(
+            max(
+                end
+                for (_, end), sid in zip(window.offsets, window.sequence_ids, strict=True)
+                if sid == 1
+            )
+        )
+    # Some answers lie past the first window: found by default, not when truncated.
+    beyond = [
+        i
+        for i, (row, end) in enumerate(zip(by_default, first_window_ends, strict=True))
+        if _best(row)["start"] >= end
+    ]
+    assert len(beyond) >= 2
+    assert all(_best(by_default[i])["answer"] != _best(cut[i])["answer"] for i in beyond)

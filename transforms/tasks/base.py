@@ -79,13 +79,17 @@ class TaskAdapter:
         params: the family's typed parameters.
         input_column: the column holding the task's main text.
         on_long_input: `truncate` (cut to the model's limit) or `chunk` (cover the whole
-            text with overlapping windows; tasks with `supports_chunking` only).
+            text with overlapping windows; tasks with `supports_chunking` only); None:
+            the family's `default_on_long_input`.
     """
 
     tasks: ClassVar[tuple[str, ...]] = ()
     params_type: ClassVar[type[Params]] = Params
     default_model: ClassVar[str] = ""
     supports_chunking: ClassVar[bool] = False
+    #: What a spec without `on_long_input` gets: the family's usual behaviour (4.x's
+    #: question-answering pipeline always read the whole context).
+    default_on_long_input: ClassVar[str] = "truncate"
     #: The default micro-batch budget is this many times the device's default.
     batch_tokens_factor: ClassVar[int] = 1
 
@@ -95,8 +99,9 @@ class TaskAdapter:
         params: Params | None = None,
         *,
         input_column: str = "text",
-        on_long_input: str = "truncate",
+        on_long_input: str | None = None,
     ):
+        on_long_input = on_long_input or self.default_on_long_input
         if on_long_input not in ("truncate", "chunk"):
             raise ValueError(f"on_long_input {on_long_input!r}: expected truncate or chunk")
         if on_long_input == "chunk" and not self.supports_chunking:
@@ -116,6 +121,15 @@ class TaskAdapter:
     def load(self, model: ResolvedModel, device: str, dtype: str) -> Runner:
         """Loads the model on this worker."""
         raise NotImplementedError
+
+    def resolved_parameters(self, model: ResolvedModel) -> dict[str, Any]:
+        """What the model's own files decide beyond `params` (e.g. an embedding model's
+        pooling), for the manifest; read on the launcher without loading any weights.
+
+        Raises:
+            ValueError: the parameters contradict the model's files.
+        """
+        return {}
 
     def read_columns(self) -> list[str]:
         """Every input column the task reads; checked against the input before the run."""

@@ -6,7 +6,8 @@ so users who migrate from it get the same answers, scores and offsets:
 
 - question and context are tokenized as a pair (question first for right-padding
   tokenizers), the context cut into windows of `max_seq_len` tokens overlapping by
-  `doc_stride`;
+  `doc_stride`; every window is read by default (`on_long_input: chunk`), the first
+  only with `on_long_input: truncate`;
 - per window, start and end logits get a softmax over the context tokens and CLS only;
   a span's score is p(start) x p(end), for start <= end < start + `max_answer_len`;
 - the best `top_k * 2 + 10` spans of every window (`top_k` without word alignment) are
@@ -108,6 +109,8 @@ class QuestionAnswering(TaskAdapter):
     params_type = QuestionAnsweringParams
     default_model = "distilbert/distilbert-base-cased-distilled-squad"
     supports_chunking = True
+    # 4.x read every window of the context: an answer past the first one is still found.
+    default_on_long_input = "chunk"
 
     params: QuestionAnsweringParams
 
