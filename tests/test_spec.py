@@ -223,7 +223,10 @@ def test_unknown_param_lists_only_that_family():
         {"tasks": [{"name": "e", "task": "feature-extraction", "params": {"x": 1}}]}
     )
 
-    assert "tasks[0].params.x: unknown key; accepted keys: normalize" in message
+    assert (
+        "tasks[0].params.x: unknown key; accepted keys: pooling, normalize, prompt, prompt_name"
+        in message
+    )
     assert "aggregation_strategy" not in message
 
 

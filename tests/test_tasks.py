@@ -88,16 +88,38 @@ def test_entities_match_pipeline(tiny_models, sample_texts, strategy):
     assert found > 0
 
 
-def test_embeddings_match_mean_pooled_pipeline(tiny_models, sample_texts):
-    path = tiny_models["feature-extraction"]
-    adapter = FeatureExtraction("emb", FeatureExtractionParams())
-    results, _, _ = run_task(_runner(adapter, path), sample_texts, SMALL_BUDGET)
+#: A model without a sentence-transformers config: each pooling over the token vectors
+#: of one unpadded row (the transformers pipeline's output), as a plain reference.
+_POOLED = {
+    "mean": lambda tokens: tokens.mean(axis=0),
+    "cls": lambda tokens: tokens[0],
+    "max": lambda tokens: tokens.max(axis=0),
+    "last": lambda tokens: tokens[-1],
+}
 
+
+@pytest.mark.parametrize("pooling", [None, *_POOLED])
+def test_embeddings_match_pooled_pipeline(tiny_models, sample_texts, pooling):
+    path = tiny_models["feature-extraction"]
+    adapter = FeatureExtraction("emb", FeatureExtractionParams(pooling=pooling))
+    texts = [*sample_texts, _long_text(900)]
+    results, errors, truncated = run_task(_runner(adapter, path), texts, SMALL_BUDGET)
+
+    assert errors == [None] * len(texts) and truncated == 1
     direct = pipeline("feature-extraction", model=str(path))
-    for text, (vector,) in zip(sample_texts, results, strict=True):
-        tokens = np.asarray(direct(text)[0])  # one unpadded row: every token counts
-        np.testing.assert_allclose(vector, tokens.mean(axis=0), atol=TOLERANCE)
+    pool = _POOLED[pooling or "mean"]
+    for text, (vector,) in zip(texts, results, strict=True):
+        tokens = np.asarray(direct(text, truncation=True)[0])  # one unpadded row
+        np.testing.assert_allclose(vector, pool(tokens), atol=TOLERANCE)
     assert adapter.fields()[0].type.value_type.bit_width == 32
+    described = adapter.resolved_parameters(resolve_model(str(path)))
+    assert described == {
+        "sentence_transformers_modules": None,
+        "pooling": pooling or "mean",
+        "normalize": False,
+        "prompt": None,
+        "max_seq_length": 512,
+    }
 
 
 def test_normalized_embeddings_have_unit_length(tiny_models, sample_texts):

@@ -1,77 +1,301 @@
-"""feature-extraction: one pooled embedding vector per row."""
+"""feature-extraction: one embedding vector per row, as sentence-transformers computes it.
+
+sentence-transformers defines how an embedding model turns text into a vector: its
+`modules.json` chains the transformer with a pooling mode, optional Dense layers and an
+optional Normalize, and `sentence_bert_config.json` sets `max_seq_length` (all-MiniLM-L6-v2
+reads 256 tokens, not the tokenizer's 512). Mean pooling over the tokenizer's length gives
+other vectors, so such a model runs through sentence-transformers' own modules, and each row
+gets exactly what `SentenceTransformer(model).encode(text)` returns. A model without that
+config is built from the same modules: the transformer, the `pooling` param, and Normalize
+when `normalize` is set.
+
+Micro-batches are beam-enrich's own (length-sorted, token budget); each one is a single
+`encode` call with `batch_size` equal to its size.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
 
 import pyarrow as pa
+from pydantic import Field, model_validator
 
-from transforms.models import ResolvedModel, load_kwargs, place_model
-from transforms.tasks.base import (
-    Encoded,
-    Params,
-    TaskAdapter,
-    encode_texts,
-    model_max_length,
-    pad_batch,
-)
+from transforms.models import ModelError, ResolvedModel, load_kwargs, place_model
+from transforms.tasks.base import Encoded, Params, TaskAdapter, encode_texts
 
 __all__ = ["FeatureExtraction", "FeatureExtractionParams"]
+
+#: Our `pooling` names -> sentence-transformers' pooling modes.
+_POOLING_MODES = {"mean": "mean", "cls": "cls", "max": "max", "last": "lasttoken"}
+#: The boolean keys older sentence-transformers releases saved in `1_Pooling/config.json`,
+#: in the order its Pooling module concatenates them.
+_LEGACY_POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
 
 
 class FeatureExtractionParams(Params):
     """Parameters of feature extraction.
 
     Attributes:
-        normalize: scale each vector to unit length (for cosine similarity by dot product).
+        pooling: how token vectors become one vector, for a model without a
+            sentence-transformers config: `mean` (default), `cls`, `max` or `last`. A
+            model with one uses its own pooling; naming another is an error.
+        normalize: scale each vector to unit length. Default: what the model's
+            sentence-transformers config says (its Normalize module), else false.
+        prompt: text put before every row, as `encode(prompt=...)` does.
+        prompt_name: one of the prompts in the model's sentence-transformers config
+            (`query`, `passage`, …), as `encode(prompt_name=...)` does.
     """
 
-    normalize: bool = False
+    pooling: Literal["mean", "cls", "max", "last"] | None = None
+    normalize: bool | None = None
+    prompt: str | None = None
+    prompt_name: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> FeatureExtractionParams:
+        if self.prompt is not None and self.prompt_name is not None:
+            raise ValueError("set at most one of `prompt` (the text) and `prompt_name`")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class _SentenceTransformersConfig:
+    """What a model's sentence-transformers files say, read without loading weights."""
+
+    modules: tuple[str, ...]  # module class names, in order
+    pooling: str | None  # sentence-transformers' pooling mode ("mean", "cls+max", …)
+    normalize: bool
+    prompts: dict[str, str]
+    default_prompt_name: str | None
 
 
 class FeatureExtraction(TaskAdapter):
-    """Adapter for `feature-extraction`: the last hidden state, mean-pooled over the mask."""
+    """Adapter for `feature-extraction`: sentence-transformers' embedding of each row."""
 
     tasks = ("feature-extraction",)
     params_type = FeatureExtractionParams
     default_model = "sentence-transformers/all-MiniLM-L6-v2"
 
+    params: FeatureExtractionParams
+
     def fields(self) -> list[pa.Field]:
         return [pa.field(self.name, pa.list_(pa.float32()))]
 
-    def load(self, model: ResolvedModel, device: str, dtype: str) -> _Runner:
-        from transformers import AutoModel, AutoTokenizer
+    def resolved_parameters(self, model: ResolvedModel) -> dict[str, Any]:
+        """The pooling, normalization, prompt and input length in use, for the manifest.
 
-        kwargs = load_kwargs(model, dtype)
-        tokenizer = AutoTokenizer.from_pretrained(
-            model.model, revision=kwargs.get("revision"), trust_remote_code=model.trust_remote_code
+        Raises:
+            ModelError: `pooling`, `normalize` or `prompt_name` contradicts the model's
+                sentence-transformers config.
+        """
+        resolved = _resolve(self.name, self.params, _read_config(model))
+        return {**resolved, "max_seq_length": _max_seq_length(model)}
+
+    def load(self, model: ResolvedModel, device: str, dtype: str) -> _EmbeddingRunner:
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.sentence_transformer.modules import (
+            Normalize,
+            Pooling,
+            Transformer,
         )
-        network = place_model(AutoModel.from_pretrained(model.model, **kwargs), device, dtype)
-        return _Runner(tokenizer, network, device, self.params)
+
+        config = _read_config(model)
+        resolved = _resolve(self.name, self.params, config)
+        kwargs = load_kwargs(model, dtype)
+        shared = {"revision": kwargs.pop("revision", None)}
+        shared["trust_remote_code"] = kwargs.pop("trust_remote_code")
+        if config is not None:
+            network = SentenceTransformer(model.model, device=device, model_kwargs=kwargs, **shared)
+        else:
+            # The same modules sentence-transformers would build, with the asked pooling.
+            transformer = Transformer(
+                model.model,
+                model_kwargs={**shared, **kwargs},
+                processor_kwargs=dict(shared),
+                config_kwargs=dict(shared),
+            )
+            modules = [
+                transformer,
+                Pooling(transformer.get_embedding_dimension(), _POOLING_MODES[resolved["pooling"]]),
+            ]
+            if resolved["normalize"]:
+                modules.append(Normalize())
+            network = SentenceTransformer(modules=modules, device=device)
+        return _EmbeddingRunner(place_model(network, device, dtype), self.params)
 
 
-class _Runner:
-    def __init__(self, tokenizer, model, device: str, params: FeatureExtractionParams):
-        self.tokenizer = tokenizer
+def _resolve(
+    name: str, params: FeatureExtractionParams, config: _SentenceTransformersConfig | None
+) -> dict[str, Any]:
+    """The settings a task runs with: its params checked against the model's config."""
+    if config is None:
+        if params.prompt_name is not None:
+            raise ModelError(
+                f"task {name!r}: prompt_name {params.prompt_name!r} needs a model with a "
+                "sentence-transformers config (modules.json) that defines prompts; this one "
+                "has none, so give the text itself as `prompt`"
+            )
+        return {
+            "sentence_transformers_modules": None,
+            "pooling": params.pooling or "mean",
+            "normalize": bool(params.normalize),
+            "prompt": params.prompt,
+        }
+    fix = "remove the key to use the model's own"
+    own_pooling = _our_pooling(config.pooling)
+    if params.pooling is not None and params.pooling != own_pooling:
+        raise ModelError(
+            f"task {name!r}: pooling {params.pooling!r}, but the model's sentence-transformers "
+            f"config pools with {config.pooling!r}; {fix}"
+        )
+    if params.normalize is False and config.normalize:
+        raise ModelError(
+            f"task {name!r}: normalize false, but the model's sentence-transformers config ends "
+            f"with a Normalize module; {fix}"
+        )
+    if params.prompt_name is not None and params.prompt_name not in config.prompts:
+        known = ", ".join(repr(p) for p in config.prompts) or "none"
+        raise ModelError(
+            f"task {name!r}: prompt_name {params.prompt_name!r} is not among the model's "
+            f"prompts ({known}); name one of them, or give the text as `prompt`"
+        )
+    prompt = params.prompt
+    if prompt is None:
+        prompt_name = params.prompt_name or config.default_prompt_name
+        prompt = config.prompts.get(prompt_name) if prompt_name else None
+    return {
+        "sentence_transformers_modules": list(config.modules),
+        "pooling": own_pooling,
+        "normalize": config.normalize or bool(params.normalize),
+        "prompt": prompt,
+    }
+
+
+def _our_pooling(mode: str | None) -> str | None:
+    """A sentence-transformers pooling mode in our names (`lasttoken` is `last`)."""
+    ours = {value: key for key, value in _POOLING_MODES.items()}
+    return ours.get(mode, mode) if mode is not None else None
+
+
+def _read_config(model: ResolvedModel) -> _SentenceTransformersConfig | None:
+    """The model's sentence-transformers config, or None when it has no `modules.json`.
+
+    Raises:
+        ModelError: a file of the config cannot be read or is not JSON.
+    """
+    modules = _read_json(model, "modules.json")
+    if modules is None:
+        return None
+    names = tuple(str(entry.get("type", "")).rsplit(".", 1)[-1] for entry in modules)
+    pooling = None
+    for entry, module_name in zip(modules, names, strict=True):
+        if module_name == "Pooling":
+            folder = entry.get("path", "")
+            pooling = _pooling_mode(
+                _read_json(model, f"{folder}/config.json" if folder else "config.json") or {}
+            )
+    settings = _read_json(model, "config_sentence_transformers.json") or {}
+    return _SentenceTransformersConfig(
+        modules=names,
+        pooling=pooling,
+        normalize="Normalize" in names,
+        prompts=dict(settings.get("prompts") or {}),
+        default_prompt_name=settings.get("default_prompt_name"),
+    )
+
+
+def _max_seq_length(model: ResolvedModel) -> int | None:
+    """The tokens per row sentence-transformers keeps, as its Transformer module sets it:
+    `sentence_bert_config.json`'s `max_seq_length` (older saves), else the tokenizer's
+    `model_max_length` capped by the model's positions."""
+    legacy = (_read_json(model, "sentence_bert_config.json") or {}).get("max_seq_length")
+    if isinstance(legacy, int):
+        return legacy
+    limits = [
+        (_read_json(model, "tokenizer_config.json") or {}).get("model_max_length"),
+        (_read_json(model, "config.json") or {}).get("max_position_embeddings"),
+    ]
+    limits = [n for n in limits if isinstance(n, int) and 0 < n < 1_000_000]
+    return min(limits) if limits else None
+
+
+def _pooling_mode(config: dict) -> str:
+    """The pooling mode a Pooling module's config describes, old or new format."""
+    mode = config.get("pooling_mode")
+    if mode is None:
+        modes = [value for key, value in _LEGACY_POOLING_KEYS.items() if config.get(key)]
+        mode = modes or ["mean"]
+    return mode if isinstance(mode, str) else "+".join(mode)
+
+
+def _read_json(model: ResolvedModel, name: str) -> Any:
+    """A JSON file of the model (a local folder, or the hub at the pinned commit), or None
+    when the model has no such file."""
+    try:
+        if model.source == "local":
+            path = Path(model.model, name)
+            if not path.is_file():
+                return None
+        else:
+            from huggingface_hub import hf_hub_download
+            from huggingface_hub.errors import EntryNotFoundError
+
+            try:
+                path = Path(hf_hub_download(model.model, name, revision=model.revision))
+            except EntryNotFoundError:
+                return None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except Exception as err:
+        raise ModelError(
+            f"cannot read {name} of model {model.model!r} ({type(err).__name__}: {err}); "
+            "check the model's files, or download it again"
+        ) from err
+
+
+class _EmbeddingRunner:
+    def __init__(self, model, params: FeatureExtractionParams):
         self.model = model
-        self.device = device
-        self.normalize = params.normalize
-        self.max_length = model_max_length(tokenizer, model.config)
+        self.prompt = params.prompt
+        self.prompt_name = params.prompt_name
+        # `normalize: true` on a model without Normalize: encode(normalize_embeddings=True).
+        self.normalize = bool(params.normalize)
+        self.max_length = model.max_seq_length or 512
+        # The text encode puts before each row, counted in the cost of its micro-batch.
+        name = params.prompt_name or model.default_prompt_name
+        self.prefix = params.prompt if params.prompt is not None else model.prompts.get(name, "")
 
     def prepare(self, texts: Sequence[str]) -> list[Encoded]:
-        return encode_texts(self.tokenizer, texts, self.max_length)
+        # Token counts for sorting and packing only: `encode` tokenizes again, so the
+        # vectors come from sentence-transformers' own preprocessing (prompt, truncation).
+        # Tokenizing a chunk costs well under 1% of embedding it.
+        prefixed = [self.prefix + text for text in texts] if self.prefix else texts
+        items = encode_texts(self.model.tokenizer, prefixed, self.max_length)
+        return [
+            dataclasses.replace(item, text=text) for item, text in zip(items, texts, strict=True)
+        ]
 
     def cost(self, item: Encoded) -> int:
         return len(item.input_ids)
 
     def infer(self, items: list[Encoded]) -> list[tuple]:
-        import torch
-
-        inputs = pad_batch(self.tokenizer, items, self.device)
-        with torch.inference_mode():
-            hidden = self.model(**inputs).last_hidden_state.float()
-            mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
-            if self.normalize:
-                pooled = torch.nn.functional.normalize(pooled, dim=-1)
-        return [(vector,) for vector in pooled.cpu().numpy()]
+        vectors = self.model.encode(
+            [item.text for item in items],
+            prompt=self.prompt,
+            prompt_name=self.prompt_name,
+            batch_size=len(items),
+            normalize_embeddings=self.normalize,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        return [(vector.astype("float32", copy=False),) for vector in vectors]
