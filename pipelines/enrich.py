@@ -31,8 +31,6 @@ from collections.abc import Iterator, Sequence
 
 import apache_beam as beam
 import pyarrow as pa
-import pyarrow.parquet as pq
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
@@ -48,7 +46,6 @@ from pipelines.manifest import (
     published_run_id,
     redact,
     redact_argv,
-    reusable_parts,
     spec_fingerprint,
 )
 from pipelines.progress import show_progress
@@ -59,19 +56,19 @@ from transforms.enrich import DEFAULT_MAX_BATCH_TOKENS, EnrichTables, TaskBindin
 from transforms.io import (
     FORMATS,
     InputError,
-    PartInfo,
-    ReadTables,
-    WriteTables,
     check_output_schema,
     expand_inputs,
-    file_sha256,
     iter_tables,
+    list_inputs,
     neutralize_chunk_formulas,
+    parquet_metadata,
     read_schema,
     table_format,
 )
 from transforms.models import ModelError, ResolvedModel, resolve_model, worker_file_patterns
+from transforms.staging import WriteParts
 from transforms.tasks import TaskAdapter
+from transforms.work_items import DEFAULT_WORK_ITEM_BYTES, ReadTables, write_listing
 
 __all__ = ["Job", "bind_tasks", "build", "job_spec_schema", "main", "prepare_job", "run"]
 
@@ -86,9 +83,13 @@ class Job:
         spec: the validated job spec.
         files: every input file, sorted.
         bindings: one per task: adapter, pinned model, column, placement.
-        context: what the manifest records (inputs with sha256, tasks, options, …).
+        context: what the manifest records (inputs, tasks, options, …).
         row_limits: file index -> rows to read from it (`--limit`); files not named are
             read whole.
+        input_schema: the schema every input file has.
+        checked: indices of the files whose schema the launcher read; workers check the
+            others' as they plan them.
+        work_item_bytes: target compressed size of a Parquet work item.
     """
 
     spec: JobSpec
@@ -96,6 +97,9 @@ class Job:
     bindings: list[TaskBinding]
     context: RunContext
     row_limits: dict[int, int] = dataclasses.field(default_factory=dict)
+    input_schema: pa.Schema | None = None
+    checked: tuple[int, ...] = ()
+    work_item_bytes: int = DEFAULT_WORK_ITEM_BYTES
 
 
 def prepare_job(
@@ -111,24 +115,32 @@ def prepare_job(
     limit: int | None = None,
     max_failed_rows: int | None = None,
     max_failed_fraction: float | None = None,
+    work_item_bytes: int = DEFAULT_WORK_ITEM_BYTES,
 ) -> Job:
     """Checks a job against its inputs and pins its models, before any row is read.
 
-    With `resume`, input files whose results an interrupted run of the same job (same
-    `spec_fingerprint`, same path and sha256) staged are reused, not read again.
-    With `limit`, the job covers only the first `limit` rows in input order (files in
-    sorted order, rows in file order); files past them are not opened.
+    The launcher reads metadata only, and a bounded amount of it: the listing (names
+    and sizes), and the footers / headers of up to `CHECKED_FILES` inputs (all of them
+    when there are no more; else a sample, and workers check the rest). Content hashes
+    are computed by the workers. With `resume`, work items an interrupted run of the
+    same job (same `spec_fingerprint`, same path and sha256) staged are reused, not read
+    again; the workers find them. With `limit`, the job covers only the first `limit`
+    rows in input order (files in sorted order, rows in file order); files past them are
+    not opened.
 
     Raises:
         InputError: no input file matches, formats or schemas disagree, a column is
             missing, or a task would overwrite an input column.
         ModelError: a model or revision cannot be found.
     """
-    files = expand_inputs(inputs)
+    listed = list_inputs(inputs)
+    files = [path for path, _ in listed]
     row_limits: dict[int, int] = {}
     if limit is not None:
         files, row_limits = _files_within_limit(files, limit)
-    schema = _common_schema(files)
+        listed = listed[: len(files)]
+    checked = _checked_sample(len(files))
+    schema = _common_schema(files, checked)
     if output_format is None:
         formats = {table_format(path) for path in files}
         output_format = formats.pop() if len(formats) == 1 else "parquet"
@@ -140,10 +152,7 @@ def prepare_job(
 
     options = options or PipelineOptions([])
     run_id = dt_run_id()
-    inputs_info = []
-    for path in files:
-        size, sha256 = file_sha256(path)
-        inputs_info.append({"path": path, "size": size, "sha256": sha256})
+    inputs_info = [{"path": path, "size": size} for path, size in listed]
     context = RunContext(
         run_id=run_id,
         started_at=now(),
@@ -174,13 +183,35 @@ def prepare_job(
         ),
         limit=limit,
     )
-    if resume:
-        reused = reusable_parts(context)
-        context = dataclasses.replace(context, reused=tuple(reused[i] for i in sorted(reused)))
-    context = dataclasses.replace(
-        context, rows_total=_rows_to_enrich(files, context.reused, row_limits)
+    rows_total = None
+    if not resume and len(checked) == len(files):
+        # Reused items are known to the workers only; then progress counts rows done.
+        rows_total = _rows_to_enrich(files, row_limits)
+    context = dataclasses.replace(context, resume=resume, rows_total=rows_total)
+    return Job(
+        spec=spec,
+        files=files,
+        bindings=bindings,
+        context=context,
+        row_limits=row_limits,
+        input_schema=schema,
+        checked=checked,
+        work_item_bytes=work_item_bytes,
     )
-    return Job(spec=spec, files=files, bindings=bindings, context=context, row_limits=row_limits)
+
+
+#: The launcher reads at most this many footers / headers before the run: every one
+#: with fewer inputs (bad input exits 2 before any row is read), a spread sample with
+#: more (the workers check the others as they plan them, failing the run with the file
+#: named). Bounded so the launcher's work does not grow with the number of inputs.
+CHECKED_FILES = 64
+
+
+def _checked_sample(count: int) -> tuple[int, ...]:
+    if count <= CHECKED_FILES:
+        return tuple(range(count))
+    step = (count - 1) / (CHECKED_FILES - 1)
+    return tuple(sorted({round(i * step) for i in range(CHECKED_FILES)}))
 
 
 def _files_within_limit(files: list[str], limit: int) -> tuple[list[str], dict[int, int]]:
@@ -199,15 +230,7 @@ def _files_within_limit(files: list[str], limit: int) -> tuple[list[str], dict[i
 def _count_rows(path: str, *, at_most: int) -> int:
     """Rows in one input file, counted no further than `at_most` (at least that many)."""
     if table_format(path) == "parquet":
-        # The footer has the count: no data page is read.
-        try:
-            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-                return pq.ParquetFile(handle).metadata.num_rows
-        except (pa.ArrowInvalid, OSError) as err:
-            raise InputError(
-                f"cannot read {path}: {' '.join(str(err).split())[:300]}; fix the file or "
-                "leave it out of --input"
-            ) from err
+        return parquet_metadata(path).num_rows  # the footer has the count
     rows = 0
     # CSV has no count: stream it, and stop as soon as the limit is reached.
     with contextlib.closing(iter_tables(path, min(at_most, 65_536))) as tables:
@@ -218,23 +241,19 @@ def _count_rows(path: str, *, at_most: int) -> int:
     return rows
 
 
-def _rows_to_enrich(
-    files: Sequence[str], reused: Sequence[PartInfo], row_limits: dict[int, int]
-) -> int | None:
-    """The rows a run enriches, for its progress: reused inputs left out, `--limit` applied.
+def _rows_to_enrich(files: Sequence[str], row_limits: dict[int, int]) -> int | None:
+    """The rows a run enriches, for its progress, from Parquet footers; `--limit` applied.
 
-    None when an input is remote (counting it would read it over the network) or cannot
-    be read (the run reports that itself, naming the file).
+    None when an input is CSV (only reading it could count its rows: progress then
+    counts rows done) or a footer cannot be read (the run reports that itself).
     """
-    skipped = {part.first[0] for part in reused}
-    pending = [(index, path) for index, path in enumerate(files) if index not in skipped]
-    if any("://" in path for _, path in pending):
+    if any(table_format(path) != "parquet" for path in files):
         return None
     total = 0
     try:
-        for index, path in pending:
-            at_most = row_limits.get(index, sys.maxsize)
-            total += min(_count_rows(path, at_most=at_most), at_most)
+        for index, path in enumerate(files):
+            rows = parquet_metadata(path).num_rows
+            total += min(rows, row_limits.get(index, rows))
     except InputError:
         return None
     return total
@@ -336,9 +355,9 @@ def dt_run_id() -> str:
     )
 
 
-def _common_schema(files: Sequence[str]) -> pa.Schema:
+def _common_schema(files: Sequence[str], checked: Sequence[int]) -> pa.Schema:
     first = read_schema(files[0])
-    for path in files[1:]:
+    for path in (files[i] for i in checked if i > 0):
         schema = read_schema(path)
         if not schema.equals(first):
             raise InputError(
@@ -408,36 +427,46 @@ def _runner_name(options: PipelineOptions) -> str:
 
 
 def build(pipeline: beam.Pipeline, job: Job) -> None:
-    """Adds the job's steps to `pipeline`: read, enrich with each task, write, finalize."""
-    spec = job.spec
-    chunks = pipeline | "ReadInput" >> ReadTables(
-        job.files,
+    """Adds the job's steps to `pipeline`: read, enrich with each task, write, finalize.
+
+    Writes the input listing the pipeline starts from into the staging folder.
+    """
+    spec, context = job.spec, job.context
+    listed = {entry["path"]: entry["size"] for entry in context.inputs}
+    write_listing(context.listing_path, [(path, listed.get(path, 0)) for path in job.files])
+    read = pipeline | "ReadInput" >> ReadTables(
+        context.listing_path,
+        job.input_schema if job.input_schema is not None else _common_schema(job.files, [0]),
+        context.files_dir,
+        checked=job.checked,
         rows_per_chunk=spec.rows_per_chunk,
-        skip=[part.first[0] for part in job.context.reused],
+        work_item_bytes=job.work_item_bytes,
         row_limits=job.row_limits,
+        resume=context.resume,
     )
-    if not _runs_locally(job.context.runner):
-        # Chunks of one file come from one reader; spread them over the workers before
-        # inference. Local runners hold a shuffle's data in memory, so there each input
-        # file streams through read, enrich and write instead (files in parallel).
-        chunks = chunks | "SpreadChunks" >> beam.Reshuffle()
+    chunks = read["chunks"]
     for binding in job.bindings:
         chunks = chunks | f"Enrich[{binding.name}]" >> EnrichTables(binding)
-    context = job.context
     if context.csv_neutralize_formulas:
         chunks = chunks | "NeutralizeFormulas" >> beam.Map(neutralize_chunk_formulas)
+    written = chunks | "WriteOutput" >> WriteParts(
+        context.files_dir, context.output_schema, output_format=context.output_format
+    )
     _ = (
-        chunks
-        | "WriteOutput"
-        >> WriteTables(
-            context.files_dir,
-            context.output_schema,
-            output_format=context.output_format,
-            part_names=context.part_names,
+        (
+            written | "TagWritten" >> beam.Map(_tagged, "part"),
+            read["reused"] | "TagReused" >> beam.Map(_tagged, "part"),
+            read["inputs"] | "TagInputs" >> beam.Map(_tagged, "input"),
         )
+        | "GatherParts" >> beam.Flatten()
+        # Small records only (a part's description, a file's hash): never rows.
         | "CollectParts" >> beam.combiners.ToList()
         | "Finalize" >> beam.Map(finalize_run, context)
     )
+
+
+def _tagged(value, kind: str) -> tuple[str, object]:
+    return kind, value
 
 
 #: Runners that run the pipeline in this machine's memory.
@@ -495,6 +524,7 @@ def run(
             limit=args.limit,
             max_failed_rows=args.max_failed_rows,
             max_failed_fraction=args.max_failed_fraction,
+            work_item_bytes=max(1, int(args.work_item_mb * (1 << 20))),
         )
         # One run id for the lock, the staging folder and the manifest.
         job = dataclasses.replace(job, context=dataclasses.replace(job.context, run_id=run_id))
@@ -606,6 +636,15 @@ def _parser() -> argparse.ArgumentParser:
         "publish the output, then exit 3 (replaces the spec's run-level value)",
     )
     parser.add_argument(
+        "--work-item-mb",
+        type=_megabytes,
+        default=DEFAULT_WORK_ITEM_BYTES >> 20,
+        metavar="MB",
+        help="Parquet inputs are read as work items of whole row groups of about this "
+        "many compressed MB, spread over all workers (default %(default)s); a CSV file is "
+        "one work item",
+    )
+    parser.add_argument(
         "--quiet",
         action="store_true",
         help="no progress, no summary line and no warnings: errors only",
@@ -620,6 +659,16 @@ def _positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive number of rows, got {text!r}")
+    return value
+
+
+def _megabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a positive size in MB, got {text!r}")
     return value
 
 

@@ -27,15 +27,8 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipelines.quality_gate import evaluate_gate
 from pipelines.report import REPORT, summarize_output, write_report
-from transforms.io import (
-    InputError,
-    PartInfo,
-    concatenate_files,
-    concatenate_parts,
-    kill_point,
-    staged_parts,
-    write_table,
-)
+from transforms.io import InputError, write_table
+from transforms.staging import PartInfo, _kill_point, check_coverage, concatenate_files
 
 __all__ = [
     "ERRORS_FILE",
@@ -43,13 +36,11 @@ __all__ = [
     "RunContext",
     "check_output",
     "finalize_run",
-    "input_key",
     "lock_output",
     "output_state",
     "prepare_output",
     "published_run_id",
     "redact",
-    "reusable_parts",
     "spec_fingerprint",
     "versions",
 ]
@@ -124,19 +115,19 @@ class RunContext:
         argv: the command line, secrets redacted.
         runner: the Beam runner's name.
         options: Beam pipeline options that were set, secrets redacted.
-        inputs: per input file: path, size, sha256.
+        inputs: per input file: path and size, as listed (workers add each sha256).
         output: the output directory.
         output_format: `parquet` or `csv`.
         output_schema: the schema of every part file.
         spec: the job spec as JSON data.
         tasks: per task, its description (model, revision, parameters, …).
         fingerprint: `spec_fingerprint` of this job: staged results carry it.
-        reused: parts of input files reused from an interrupted run (`--resume`).
+        resume: reuse the work items an interrupted run of this job staged (`--resume`).
         csv_neutralize_formulas: string cells that start like a formula were prefixed
             with `'` in the CSV output (`--csv-neutralize-formulas`).
         limit: the run covers only the first `limit` input rows (`--limit`); None: all.
-        rows_total: the rows this run enriches (inputs reused by `--resume` left out),
-            for progress; None when unknown (inputs on remote filesystems).
+        rows_total: the rows this run enriches, for progress, from Parquet footers; None
+            when unknown (CSV inputs, too many files to read every footer, `--resume`).
         quality_gate: each task's failed-row limits and the command line's
             (`pipelines.quality_gate.gate_limits`); empty: no limits.
     """
@@ -153,7 +144,7 @@ class RunContext:
     spec: dict
     tasks: list[dict]
     fingerprint: str = ""
-    reused: tuple[PartInfo, ...] = ()
+    resume: bool = False
     csv_neutralize_formulas: bool = False
     limit: int | None = None
     rows_total: int | None = None
@@ -166,26 +157,18 @@ class RunContext:
 
     @property
     def files_dir(self) -> str:
-        """Where each input file's results are staged, per fingerprint (resumable)."""
+        """Where work items' parts are staged, per fingerprint (resumable)."""
         return FileSystems.join(self.staging_root, "files", self.fingerprint or "none")
+
+    @property
+    def listing_path(self) -> str:
+        """The input listing this run's pipeline starts from."""
+        return FileSystems.join(self.staging_root, "runs", f"{self.run_id}.inputs.jsonl")
 
     @property
     def staging_dir(self) -> str:
         """Where this run assembles its complete output before it takes the output's name."""
         return FileSystems.join(self.staging_root, "runs", self.run_id)
-
-    @property
-    def part_names(self) -> dict[int, str]:
-        """Input file index -> stem of its staged part: names the input's path and content."""
-        return {i: input_key(entry["path"], entry["sha256"]) for i, entry in enumerate(self.inputs)}
-
-
-def input_key(path: str, sha256: str) -> str:
-    """The stem of an input file's staged results: its content hash and a hash of its path.
-
-    The path is part of the key because `errors.jsonl` records name the input file.
-    """
-    return f"{sha256[:32]}-{hashlib.sha256(path.encode('utf-8')).hexdigest()[:12]}"
 
 
 def spec_fingerprint(
@@ -560,12 +543,11 @@ def prepare_output(context: RunContext, *, resume: bool) -> None:
             if not (resume and name == context.fingerprint)
         ]
     for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def reusable_parts(context: RunContext) -> dict[int, PartInfo]:
-    """Input file index -> its results staged by an earlier run of the same job."""
-    return staged_parts(context.files_dir, context.part_names)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:  # a killed run's input listing
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 def _delete_tree(path: str, *, keep: set[str] = frozenset()) -> None:
@@ -575,43 +557,60 @@ def _delete_tree(path: str, *, keep: set[str] = frozenset()) -> None:
         FileSystems.delete(doomed)
 
 
-def finalize_run(parts: list[PartInfo], context: RunContext) -> dict:
-    """Assembles the complete output (parts, errors.jsonl, manifest.json) and publishes it.
+def finalize_run(collected: list[tuple[str, object]], context: RunContext) -> dict:
+    """Publishes the staged parts as the complete output, with errors.jsonl and manifest.json.
 
+    Parts are only linked or renamed into `part-NNNNN-of-MMMMM.<fmt>`, sorted into input
+    order; the only data written here is `errors.jsonl` (the parts' error files, joined).
     On a local filesystem the output is assembled in `staging_dir` and swapped in by two
     directory renames, so at every instant the output's name holds the previous complete
     output, nothing, or the new complete output. On object stores (no atomic directory
     rename) the previous output's manifest is deleted first and the new one written
     last, so the manifest's presence still marks a complete output.
 
+    Args:
+        collected: `("part", PartInfo)` for every staged part, written or reused, and
+            `("input", record)` for every input file (path, size, sha256, its items).
+        context: the run.
+
     Returns:
         The manifest, as written.
+
+    Raises:
+        RuntimeError: the parts do not hold every input row exactly once.
     """
-    parts = sorted([*parts, *context.reused], key=lambda part: part.first)
+    parts = sorted((v for kind, v in collected if kind == "part"), key=lambda part: part.first)
+    records = sorted((v for kind, v in collected if kind == "input"), key=lambda r: r["index"])
+    check_coverage(parts, [item for record in records for item in record["items"]])
+    inputs = [
+        {
+            "path": record["path"],
+            "size": record["size"],
+            "sha256": record["sha256"],
+            # `reused`: every work item of the file came from an interrupted run.
+            "reused": bool(record["items"]) and record["reused_items"] == len(record["items"]),
+            "work_items": len(record["items"]),
+            "reused_work_items": record["reused_items"],
+        }
+        for record in records
+    ]
+    context = dataclasses.replace(context, inputs=inputs)
     if _is_local(context.output):
-        manifest = _publish_local(parts, context)
-    else:
-        manifest = _publish_remote(parts, context)
-    return manifest
+        return _publish_local(parts, context)
+    return _publish_remote(parts, context)
 
 
 def _part_sources(parts: list[PartInfo], context: RunContext) -> list[str]:
-    """The staged data files, one per final part file."""
-    fmt = context.output_format
-    if not parts or (context.spec.get("keep_order") and len(parts) > 1):
-        # No rows still gives a readable output with the full schema; keep_order gives
-        # one file, the per-file parts in input order. It is made in this run's own
-        # staging folder, which publishing moves in or deletes: the resumable per-file
-        # results (`files_dir`) never gather a merged copy per run.
-        if not FileSystems.exists(context.staging_dir):
-            FileSystems.mkdirs(context.staging_dir)
-        merged = FileSystems.join(context.staging_dir, f"merged.{fmt}")
-        if parts:
-            concatenate_parts([part.path for part in parts], merged, fmt, context.output_schema)
-        else:
-            write_table(merged, context.output_schema.empty_table(), fmt)
-        return [merged]
-    return [part.path for part in parts]
+    """The staged data files, one per final part file, in input order."""
+    if parts:
+        return [part.path for part in parts]
+    # No rows still gives a readable output with the full schema. It is made in this
+    # run's own staging folder, which publishing moves in or deletes.
+    if not FileSystems.exists(context.staging_dir):
+        FileSystems.mkdirs(context.staging_dir)
+    empty = FileSystems.join(context.staging_dir, f"empty.{context.output_format}")
+    write_table(empty, context.output_schema.empty_table(), context.output_format)
+    return [empty]
 
 
 def _final_names(directory: str, count: int, fmt: str) -> list[str]:
@@ -625,7 +624,7 @@ def _publish_local(parts: list[PartInfo], context: RunContext) -> dict:
     names = _final_names(build, len(sources), context.output_format)
     for source, name in zip(sources, names, strict=True):
         if os.path.normpath(os.path.dirname(source)) == os.path.normpath(build):
-            os.replace(source, name)  # made for this run (keep_order's merge): moved in
+            os.replace(source, name)  # made for this run (an empty output): moved in
             continue
         try:  # staged results stay until the swap is done, for a resumed run
             os.link(source, name)
@@ -639,14 +638,14 @@ def _publish_local(parts: list[PartInfo], context: RunContext) -> dict:
     manifest = _manifest(parts, final, context)
     _add_report(manifest, parts, context, os.path.join(build, REPORT))
     _write_json(os.path.join(build, MANIFEST), manifest)
-    kill_point("assembled")
+    _kill_point("assembled")
     # The swap: two renames, each atomic. In between, the name holds nothing; a run
     # killed there has its previous output put back by the next run (prepare_output).
     previous = os.path.join(context.staging_root, f"previous-{context.run_id}")
     if os.path.exists(context.output):
         os.rename(context.output, previous)
     try:
-        kill_point("swapping")
+        _kill_point("swapping")
         os.rename(build, context.output)
     except BaseException:
         # Interrupted (Ctrl-C) or the rename failed: the previous output goes back now.
@@ -654,10 +653,11 @@ def _publish_local(parts: list[PartInfo], context: RunContext) -> dict:
             os.rename(previous, context.output)
         raise
     shutil.rmtree(previous, ignore_errors=True)
-    # The staged per-file results stay (hard links to the parts, so no second copy
-    # unless keep_order merged them): a later `--resume` of the same job reuses final
-    # results too. A run without --resume, or of another job, deletes them first.
+    # The staged parts stay (hard links to the output's parts, so no second copy): a
+    # later `--resume` of the same job reuses final results too. A run without
+    # --resume, or of another job, deletes them first.
     with contextlib.suppress(OSError):
+        os.unlink(context.listing_path)
         os.rmdir(os.path.join(context.staging_root, "runs"))
     return manifest
 
@@ -731,10 +731,7 @@ def _manifest(parts: list[PartInfo], final: list[str], context: RunContext) -> d
         for task, used in part.devices.items():
             devices.setdefault(task, set()).update(used)
 
-    rows_per_part = [part.rows for part in parts]
-    if len(rows_per_part) != len(final):  # keep_order merged them into one file
-        rows_per_part = [sum(rows_per_part)]
-    reused = {part.first[0] for part in context.reused}
+    rows_per_part = [part.rows for part in parts] or [0]
     tasks = []
     for task in context.tasks:
         rows, task_failed, truncated, seconds = totals.get(task["name"], [0, 0, 0, 0.0])
@@ -760,8 +757,7 @@ def _manifest(parts: list[PartInfo], final: list[str], context: RunContext) -> d
         "runner": context.runner,
         "options": context.options,
         "fingerprint": context.fingerprint,
-        # `reused`: the file's results came from an interrupted run (`--resume`).
-        "inputs": [{**entry, "reused": i in reused} for i, entry in enumerate(context.inputs)],
+        "inputs": context.inputs,
         "output": {
             "path": context.output,
             "format": context.output_format,

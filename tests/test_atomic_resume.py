@@ -1,7 +1,7 @@
 """Atomic output and --resume: real CLI runs, SIGKILLed at named points, then resumed.
 
 Each run is `python -m pipelines.enrich` in a subprocess; `BEAM_ENRICH_KILL_AT` (see
-`transforms.io.kill_point`) makes the process SIGKILL itself at a named point, so
+`transforms.staging._kill_point`) makes the process SIGKILL itself at a named point, so
 the kill lands at the same place on every machine.
 """
 
@@ -19,8 +19,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pipelines.enrich import main
-from pipelines.manifest import input_key
 from tests.conftest import REPO, SAMPLE_DATA
+from transforms.staging import input_key
 
 SLICES = [(0, 15), (15, 15), (30, 15), (45, 15), (60, 11)]
 
@@ -93,7 +93,8 @@ def test_killed_runs_leave_old_output_and_resume_matches_uninterrupted(tmp_path,
     assert main(["--input", pattern, "--output", str(reference), "--spec", str(spec)]) == 0
     args = ["--input", pattern, "--output", str(output), "--spec", str(spec)]
 
-    # 1. Killed while input files are being staged: two of five are done.
+    # 1. Killed while work items (here one per input file) are being staged: two of
+    #    five are done.
     killed = _cli(args, kill_at="staged:2")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert _snapshot(output) == previous
@@ -110,11 +111,11 @@ def test_killed_runs_leave_old_output_and_resume_matches_uninterrupted(tmp_path,
     assert _snapshot(moved_aside) == previous
     (assembled,) = root.glob("runs/*/manifest.json")
     reused = {
-        input_key(entry["path"], entry["sha256"]) + ".done.json"
+        input_key(entry["path"], entry["sha256"])
         for entry in json.loads(assembled.read_text())["inputs"]
         if entry["reused"]
     }
-    assert reused == set(staged)
+    assert reused == {name.split(".")[0] for name in staged}
     # The reused files were not recomputed: their markers still name the first run's data.
     assert {name: text for name, text in _markers(output).items() if name in staged} == staged
     assert len(_markers(output)) == len(inputs)
@@ -139,25 +140,61 @@ def test_killed_runs_leave_old_output_and_resume_matches_uninterrupted(tmp_path,
     )
     for task in manifest["tasks"]:
         assert task["succeeded"] + task["failed"] == task["rows"] == 71
-    # keep_order: one part file, the five per-file parts concatenated in input order.
+    # keep_order: one part per work item, named in input order; nothing merged.
     assert sorted(p.name for p in output.iterdir()) == sorted(p.name for p in reference.iterdir())
+    parts = [f"part-{i:05d}-of-00005.parquet" for i in range(5)]
     assert sorted(p.name for p in output.iterdir()) == [
         "errors.jsonl",
         "manifest.json",
-        "part-00000-of-00001.parquet",
+        *parts,
         "report.html",
     ]
-    part = output / "part-00000-of-00001.parquet"
     ids = pq.read_table(SAMPLE_DATA / "reviews.parquet").column("id").to_pylist()
-    assert pq.read_table(part).column("id").to_pylist() == ids
-    assert pq.read_table(part).equals(pq.read_table(reference / part.name))
+    assert [
+        i for part in parts for i in pq.read_table(output / part).column("id").to_pylist()
+    ] == ids
+    for part in parts:
+        assert pq.read_table(output / part).equals(pq.read_table(reference / part))
     assert (output / "errors.jsonl").read_text() == (reference / "errors.jsonl").read_text()
 
     # 4. Resumed once more after the complete run: its final results are reused whole.
     assert main([*args, "--resume"]) == 0
     again = json.loads((output / "manifest.json").read_text())
     assert [entry["reused"] for entry in again["inputs"]] == [True] * len(inputs)
-    assert pq.read_table(part).equals(pq.read_table(reference / part.name))
+    for part in parts:
+        assert pq.read_table(output / part).equals(pq.read_table(reference / part))
+
+
+def test_killed_run_resumes_inside_one_large_file(tmp_path, tiny_models):
+    """One Parquet file of five row groups, one work item each: a run killed after two
+    items are staged resumes from them; the result equals an uninterrupted run's."""
+    table = pq.read_table(SAMPLE_DATA / "reviews.parquet").slice(0, 40)
+    source = tmp_path / "big.parquet"
+    pq.write_table(table, source, row_group_size=8)
+    spec = _spec(tmp_path / "job.yaml", tiny_models, ["sentiment"])
+    output, reference = tmp_path / "out", tmp_path / "reference"
+    # A work item of (at least) one row group each.
+    args = ["--input", str(source), "--spec", str(spec), "--work-item-mb", "0.000001"]
+    assert main([*args, "--output", str(reference)]) == 0
+
+    killed = _cli([*args, "--output", str(output)], kill_at="staged:2")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    staged = _markers(output)
+    assert len(staged) == 2
+
+    assert main([*args, "--output", str(output), "--resume"]) == 0
+    (entry,) = json.loads((output / "manifest.json").read_text())["inputs"]
+    assert (entry["work_items"], entry["reused_work_items"], entry["reused"]) == (5, 2, False)
+    # The reused items were not enriched again: their markers are the killed run's.
+    assert {name: text for name, text in _markers(output).items() if name in staged} == staged
+    assert len(_markers(output)) == 5
+    parts = sorted(p.name for p in output.glob("part-*.parquet"))
+    assert parts == sorted(p.name for p in reference.glob("part-*.parquet"))
+    assert len(parts) == 5
+    for part in parts:
+        assert pq.read_table(output / part).equals(pq.read_table(reference / part))
+    ids = [i for part in parts for i in pq.read_table(output / part).column("id").to_pylist()]
+    assert ids == table.column("id").to_pylist()
 
 
 def test_run_killed_before_swap_keeps_old_output_and_cleans_up(tmp_path, tiny_models):
@@ -195,21 +232,27 @@ def test_output_folder_with_foreign_files_is_refused(tmp_path, tiny_models, caps
     assert _snapshot(output) == {"notes.txt": b"mine"}
 
 
-def test_keep_order_csv_concatenates_per_file_parts_under_one_header(tmp_path, tiny_models):
+def test_keep_order_csv_parts_follow_input_order_each_with_its_header(tmp_path, tiny_models):
     inputs = _inputs(tmp_path / "in")
     spec = _spec(tmp_path / "job.yaml", tiny_models, ["sentiment"])
     output = tmp_path / "out"
     args = ["--input", str(inputs[0]), "--input", str(inputs[1]), "--output", str(output)]
     assert main([*args, "--spec", str(spec), "--output-format", "csv"]) == 0
+    parts = [f"part-{i:05d}-of-00002.csv" for i in range(2)]
     assert sorted(p.name for p in output.iterdir()) == [
         "errors.jsonl",
         "manifest.json",
-        "part-00000-of-00001.csv",
+        *parts,
         "report.html",
     ]
-    rows = list(csv.DictReader(io.StringIO((output / "part-00000-of-00001.csv").read_text())))
+    rows = [
+        row
+        for part in parts
+        for row in csv.DictReader(io.StringIO((output / part).read_text(), newline=""))
+    ]
     ids = pq.read_table(SAMPLE_DATA / "reviews.parquet").column("id").to_pylist()[:30]
     assert [int(row["id"]) for row in rows] == ids
     assert all(row["sentiment_label"] in {"POSITIVE", "NEGATIVE", ""} for row in rows)
     manifest = json.loads((output / "manifest.json").read_text())
-    assert manifest["output"]["files"][0]["rows"] == manifest["rows"]["out"] == 30
+    assert [f["rows"] for f in manifest["output"]["files"]] == [15, 15]
+    assert manifest["rows"]["out"] == 30

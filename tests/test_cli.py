@@ -201,9 +201,11 @@ def test_keep_order_across_files(tmp_path, tiny_models):
         )
         == 0
     )
+    # keep_order: part files in input order (one per work item), rows in order inside.
     parts = sorted(output.glob("part-*.parquet"))
-    assert [p.name for p in parts] == ["part-00000-of-00001.parquet"]
-    assert pq.read_table(parts[0]).column("id").to_pylist() == table.column("id").to_pylist()
+    assert [p.name for p in parts] == [f"part-{i:05d}-of-00002.parquet" for i in range(2)]
+    ids = [i for part in parts for i in pq.read_table(part).column("id").to_pylist()]
+    assert ids == table.column("id").to_pylist()
 
 
 def test_rerun_replaces_previous_output(tmp_path, tiny_models):

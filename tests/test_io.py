@@ -1,4 +1,5 @@
-"""transforms/io.py without models: Parquet / CSV reading and writing, inputs, ReadTables."""
+"""transforms/io.py and transforms/work_items.py without models: Parquet / CSV reading and
+writing, inputs, work items, ReadTables."""
 
 from __future__ import annotations
 
@@ -22,14 +23,15 @@ from hypothesis import strategies as st
 
 from transforms.io import (
     InputError,
-    ReadTables,
     expand_inputs,
     file_sha256,
     iter_tables,
+    list_inputs,
     read_schema,
     table_format,
     write_table,
 )
+from transforms.work_items import ReadTables, plan_work_items, write_listing
 
 ROWS = 23
 
@@ -399,48 +401,101 @@ _SCHEMA_TEXT = _READ_SCHEMA.to_string(show_schema_metadata=True)
 def _chunk_summary(chunk) -> tuple:
     """What a chunk says about its place in the input, plus its first and last row ids."""
     ids = chunk.table.column("id").to_pylist()
-    return (
-        chunk.file_index,
-        chunk.index,
-        chunk.first_row,
-        chunk.table.num_rows,
-        chunk.rows_read,
-        ids[0],
-        ids[-1],
-    )
+    return (chunk.file_index, chunk.first_row, chunk.rows_read, chunk.item_end, ids[0], ids[-1])
 
 
 def _chunk_source(chunk) -> tuple:
     return (chunk.file_index, chunk.source, chunk.table.schema.to_string(show_schema_metadata=True))
 
 
-def test_read_tables_in_pipeline(tmp_path):
-    schema = _READ_SCHEMA
-    big = str(tmp_path / "a.parquet")
-    small = str(tmp_path / "b.parquet")
-    pq.write_table(
-        pa.table({"id": list(range(12)), "text": [f"row {i}" for i in range(12)]}, schema=schema),
-        big,
-        row_group_size=4,
-    )
-    pq.write_table(pa.table({"id": [100, 101, 102], "text": ["x", "y", "z"]}, schema=schema), small)
+def _input_summary(record) -> tuple:
+    return (record["index"], record["sha256"], [item["rows"] for item in record["items"]])
+
+
+def _write_ids(path, ids, row_group_size=None):
+    table = pa.table({"id": ids, "text": [f"row {i}" for i in ids]}, schema=_READ_SCHEMA)
+    pq.write_table(table, path, row_group_size=row_group_size)
+
+
+def test_read_tables_plans_row_group_items_on_workers(tmp_path):
+    big, small = str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")
+    _write_ids(big, list(range(12)), row_group_size=4)
+    _write_ids(small, [100, 101, 102])
+    listing = str(tmp_path / "listing.jsonl")
+    write_listing(listing, list_inputs([big, small]))
+    digest = {p: hashlib.sha256((tmp_path / p).read_bytes()).hexdigest() for p in (big, small)}
 
     with beam.Pipeline(runner=FnApiRunner()) as pipeline:
-        chunks = pipeline | "Read" >> ReadTables([big, small], rows_per_chunk=5)
+        # Work items of one row group each (1 byte target); chunks never cross an item.
+        read = pipeline | "Read" >> ReadTables(
+            listing, _READ_SCHEMA, str(tmp_path / "staged"), rows_per_chunk=3, work_item_bytes=1
+        )
         assert_that(
-            chunks | "Summarize" >> beam.Map(_chunk_summary),
+            read["chunks"] | "Summarize" >> beam.Map(_chunk_summary),
             equal_to(
                 [
-                    (0, 0, 0, 5, 5, 0, 4),
-                    (0, 1, 5, 5, 5, 5, 9),
-                    (0, 2, 10, 2, 2, 10, 11),
-                    (1, 0, 0, 3, 3, 100, 102),
+                    (0, 0, 3, False, 0, 2),
+                    (0, 3, 1, True, 3, 3),
+                    (0, 4, 3, False, 4, 6),
+                    (0, 7, 1, True, 7, 7),
+                    (0, 8, 3, False, 8, 10),
+                    (0, 11, 1, True, 11, 11),
+                    (1, 0, 3, True, 100, 102),
                 ]
             ),
             label="CheckChunks",
         )
         assert_that(
-            chunks | "Sources" >> beam.Map(_chunk_source),
-            equal_to([(0, big, _SCHEMA_TEXT)] * 3 + [(1, small, _SCHEMA_TEXT)]),
+            read["chunks"] | "Sources" >> beam.Map(_chunk_source),
+            equal_to([(0, big, _SCHEMA_TEXT)] * 6 + [(1, small, _SCHEMA_TEXT)]),
             label="CheckSources",
         )
+        assert_that(
+            read["inputs"] | "Inputs" >> beam.Map(_input_summary),
+            equal_to([(0, digest[big], [4, 4, 4]), (1, digest[small], [3])]),
+            label="CheckInputs",
+        )
+        assert_that(read["reused"], equal_to([]), label="CheckReused")
+
+
+def test_plan_work_items_groups_row_groups_by_size_and_stops_at_the_limit(tmp_path):
+    path = str(tmp_path / "a.parquet")
+    _write_ids(path, list(range(10)), row_group_size=2)
+    one_group = pq.ParquetFile(path).metadata.row_group(0)
+    size = sum(one_group.column(i).total_compressed_size for i in range(one_group.num_columns))
+
+    items = plan_work_items(3, path, "f" * 64, work_item_bytes=2 * size)
+    assert [(i.first_row, i.rows, i.row_groups) for i in items] == [
+        (0, 4, (0, 1)),
+        (4, 4, (2, 3)),
+        (8, 2, (4,)),
+    ]
+    assert {i.file_index for i in items} == {3}
+    assert len({i.stem for i in items}) == 3
+    # --limit 5: the items that hold the first five rows, the last one cut short.
+    limited = plan_work_items(3, path, "f" * 64, work_item_bytes=2 * size, stop_row=5)
+    assert [(i.first_row, i.rows, i.row_groups) for i in limited] == [
+        (0, 4, (0, 1)),
+        (4, 1, (2,)),
+    ]
+    csv_path = tmp_path / "b.csv"
+    csv_path.write_text("id,text\n1,x\n")
+    (whole,) = plan_work_items(0, str(csv_path), "e" * 64)
+    assert (whole.first_row, whole.rows, whole.row_groups) == (0, None, None)
+
+
+def test_workers_check_schemas_the_launcher_did_not_read(tmp_path):
+    good, odd = str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")
+    _write_ids(good, [1, 2])
+    pq.write_table(pa.table({"other": [1]}), odd)
+    listing = str(tmp_path / "listing.jsonl")
+    write_listing(listing, list_inputs([good, odd]))
+
+    pipeline = beam.Pipeline(runner=FnApiRunner())
+    read = pipeline | "Read" >> ReadTables(
+        listing, _READ_SCHEMA, str(tmp_path / "staged"), checked=[0]
+    )
+    _ = read["chunks"] | beam.Map(lambda chunk: None)
+    with pytest.raises(Exception, match="disagree on their columns") as raised:
+        pipeline.run().wait_until_finish()
+    assert odd in str(raised.value)

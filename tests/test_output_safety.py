@@ -212,7 +212,7 @@ def test_ctrl_c_in_the_swap_exits_130_and_keeps_the_previous_output(
         if name == "swapping":  # the previous output is moved aside at this point
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipelines.manifest, "kill_point", interrupt)
+    monkeypatch.setattr(pipelines.manifest, "_kill_point", interrupt)
     args = ["--input", str(INPUT), "--output", str(output), "--spec", str(spec), "--limit", "4"]
     assert main([*args, "--quiet"]) == 130
     err = capsys.readouterr().err

@@ -28,7 +28,6 @@ from transforms.enrich import (
     load_task,
     run_task,
 )
-from transforms.io import PartInfo
 from transforms.models import resolve_model
 from transforms.progress import ProgressWriter, TaskProgress, read_progress
 from transforms.tasks.base import check_text
@@ -195,17 +194,17 @@ def test_terminal_gets_one_bar_per_task_and_quiet_gets_nothing(tmp_path):
         assert silent.getvalue() == ""
 
 
-def test_rows_to_enrich_counts_local_inputs_less_reused_files_and_limits(tmp_path):
+def test_rows_to_enrich_reads_parquet_footers_only(tmp_path):
     table = pq.read_table(SAMPLE_DATA / "reviews.parquet")
     pq.write_table(table, tmp_path / "a.parquet")
+    pq.write_table(table, tmp_path / "c.parquet")
     pacsv.write_csv(table.select(["id", "text"]), tmp_path / "b.csv")
-    files = [str(tmp_path / "a.parquet"), str(tmp_path / "b.csv")]
-    reused_a = PartInfo("staged", None, (0, 0), table.num_rows, table.num_rows, {}, {}, {})
+    parquet = [str(tmp_path / "a.parquet"), str(tmp_path / "c.parquet")]
 
-    assert _rows_to_enrich(files, [], {}) == 2 * table.num_rows
-    assert _rows_to_enrich(files, [reused_a], {}) == table.num_rows
-    assert _rows_to_enrich(files, [], {1: 5}) == table.num_rows + 5
-    assert _rows_to_enrich([*files, "gs://bucket/c.csv"], [], {}) is None
+    assert _rows_to_enrich(parquet, {}) == 2 * table.num_rows
+    assert _rows_to_enrich(parquet, {1: 5}) == table.num_rows + 5
+    # A CSV file has no count short of reading it: progress then counts rows done.
+    assert _rows_to_enrich([parquet[0], str(tmp_path / "b.csv")], {}) is None
 
 
 def _write_spec(path: Path, tiny_models, *, embedding: bool = True) -> Path:
@@ -249,7 +248,8 @@ def test_plain_progress_lines_when_stderr_is_not_a_terminal(tmp_path, tiny_model
     final = [line for line in lines if "done in" in line]
     assert len(final) == 2 and lines[-2:] == final
     for line, task in zip(final, ("sentiment", "embedding"), strict=True):
-        assert f"{task}: {rows}/{rows} rows, {blank} failed, " in line
+        # CSV: the launcher never reads rows to count them; progress counts rows done.
+        assert f"{task}: {rows} rows, {blank} failed, " in line
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["rows"]["failed"] == {"sentiment": blank, "embedding": blank}
     assert not (tmp_path / ".out.beam-enrich" / "progress").exists()

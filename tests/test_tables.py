@@ -3,6 +3,7 @@ lines, CSV output of every type, invalid UTF-8, literal paths, error positions, 
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 from pathlib import Path
@@ -13,15 +14,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.enrich import main
+from transforms.chunks import ERRORS_COLUMN, ERRORS_TYPE, Chunk
 from transforms.io import (
     InputError,
     check_output_schema,
-    concatenate_parts,
     expand_inputs,
     iter_tables,
     neutralize_formulas,
     write_table,
 )
+from transforms.staging import _WriteParts
 
 
 def _spec(path: Path, models: dict, **top) -> Path:
@@ -264,9 +266,11 @@ def test_keep_order_resume_leaves_no_merged_copies_and_few_row_groups(tmp_path, 
         code, output = _run(tmp_path, spec, *sources, extra=extra)
         assert code == 0
 
-    (part,) = output.glob("part-*.parquet")
-    assert pq.ParquetFile(part).num_row_groups == 1
-    assert pq.read_table(part).column("text").to_pylist() == [
+    # One part per work item (here: per file), named in input order, written once.
+    parts = sorted(output.glob("part-*.parquet"))
+    assert len(parts) == 2
+    assert all(pq.ParquetFile(part).num_row_groups == 1 for part in parts)
+    assert pa.concat_tables(pq.read_table(p) for p in parts).column("text").to_pylist() == [
         f"{source.name} row {i}"
         for source, count in zip(sources, (7, 5), strict=True)
         for i in range(count)
@@ -277,14 +281,19 @@ def test_keep_order_resume_leaves_no_merged_copies_and_few_row_groups(tmp_path, 
     assert staged and all(pq.ParquetFile(p).num_row_groups == 1 for p in staged)
 
 
-def test_joined_parts_hold_row_groups_of_many_chunks(tmp_path):
-    parts = []
+def test_staged_parts_hold_row_groups_of_many_chunks(tmp_path):
+    schema = pa.schema([("n", pa.int64()), (ERRORS_COLUMN, ERRORS_TYPE)])
+    writer = _WriteParts(str(tmp_path), schema, "parquet")
+    writer.start_bundle()
+    infos = []
     for i in range(30):
-        parts.append(str(tmp_path / f"chunk-{i}.parquet"))
-        pq.write_table(pa.table({"n": [i]}), parts[-1])
-    joined = tmp_path / "joined.parquet"
+        table = pa.table({"n": [i], ERRORS_COLUMN: pa.array([None], ERRORS_TYPE)})
+        chunk = Chunk(0, "in.parquet", i, i, table, rows_read=1, item="item")
+        chunk = dataclasses.replace(chunk, item_end=i == 29)
+        infos.extend(writer.process(chunk))
+    assert list(writer.finish_bundle()) == []
 
-    concatenate_parts(parts, str(joined), "parquet", pa.schema([("n", pa.int64())]))
-
-    assert pq.ParquetFile(joined).num_row_groups == 1
-    assert pq.read_table(joined).column("n").to_pylist() == list(range(30))
+    (info,) = infos
+    assert (info.first, info.rows, info.item_end) == ((0, 0), 30, True)
+    assert pq.ParquetFile(info.path).num_row_groups == 1
+    assert pq.read_table(info.path).column("n").to_pylist() == list(range(30))

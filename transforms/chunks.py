@@ -33,12 +33,15 @@ class Chunk:
     Attributes:
         file_index: position of the source file in the run's sorted input list.
         source: the input file's path or URI.
-        index: the chunk's position within its file.
+        index: orders the chunks of its file (the reader uses the first row).
         first_row: the file row number (0-based, header excluded) of the first row.
         table: the rows: input columns untouched, task columns appended as tasks run.
         rows_read: rows as read from the file, kept apart from `table` so the
             manifest's in/out counts are two independent numbers.
         stats: one entry per task that has run over this chunk.
+        item: the stem of the work item the chunk belongs to (see `transforms.staging`);
+            its chunks are written to that item's part.
+        item_end: the item's last chunk: its part can be closed.
     """
 
     file_index: int
@@ -48,6 +51,8 @@ class Chunk:
     table: pa.Table
     rows_read: int
     stats: tuple[TaskStats, ...] = ()
+    item: str = ""
+    item_end: bool = True
 
     @property
     def position(self) -> tuple[int, int]:
