@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -67,6 +68,7 @@ from transforms.io import (
 )
 from transforms.models import ModelError, ResolvedModel, resolve_model, worker_file_patterns
 from transforms.staging import WriteParts
+from transforms.summaries import Summarizer
 from transforms.tasks import TaskAdapter
 from transforms.work_items import DEFAULT_WORK_ITEM_BYTES, ReadTables, write_listing
 
@@ -450,7 +452,12 @@ def build(pipeline: beam.Pipeline, job: Job) -> None:
     if context.csv_neutralize_formulas:
         chunks = chunks | "NeutralizeFormulas" >> beam.Map(neutralize_chunk_formulas)
     written = chunks | "WriteOutput" >> WriteParts(
-        context.files_dir, context.output_schema, output_format=context.output_format
+        context.files_dir,
+        context.output_schema,
+        output_format=context.output_format,
+        summarizer_factory=functools.partial(
+            Summarizer, context.tasks, csv=context.output_format == "csv"
+        ),
     )
     _ = (
         (
@@ -692,7 +699,7 @@ def _fraction(text: str) -> float:
     return value
 
 
-_INPUT_ERROR = re.compile(r"InputError: (cannot read [^\n]*)")
+_INPUT_ERROR = re.compile(r"InputError: ([^\n]*)")
 
 
 def _drop_input_errors(record: logging.LogRecord) -> bool:

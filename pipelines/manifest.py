@@ -26,9 +26,10 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.quality_gate import evaluate_gate
-from pipelines.report import REPORT, summarize_output, write_report
+from pipelines.report import REPORT, write_report
 from transforms.io import InputError, write_table
 from transforms.staging import PartInfo, _kill_point, check_coverage, concatenate_files
+from transforms.summaries import merge_summaries
 
 __all__ = [
     "ERRORS_FILE",
@@ -691,12 +692,9 @@ def _add_report(manifest: dict, parts: list[PartInfo], context: RunContext, path
     and writes the run report (`report.html`) made from it to `path`."""
     manifest["output"]["report"] = None
     try:
-        summaries, failed_by_type = summarize_output(
-            [part.path for part in parts],
-            [part.errors_path for part in parts if part.errors_path],
-            context.tasks,
-            context.output_schema,
-            context.output_format,
+        # Made while the parts were written: the output is not read again.
+        summaries, failed_by_type = merge_summaries(
+            context.tasks, [part.summaries for part in parts]
         )
         for task in manifest["tasks"]:
             task["summary"] = summaries[task["name"]]

@@ -1,7 +1,8 @@
-"""The run report: what each task wrote, summarized from the output, as one HTML page.
+"""The run report: what each task wrote, as one HTML page.
 
-`summarize_output` streams the staged part files once (only the columns it needs, row
-group by row group) and returns per-task summaries for the manifest; `render_report`
+The manifest's per-task summaries are made while the run writes its parts
+(`transforms.summaries`); `summarize_output` computes the same from a finished output,
+streaming it once (only the columns it needs, row group by row group). `render_report`
 turns a manifest into a self-contained `report.html`: charts drawn with matplotlib's
 Agg canvas and embedded as PNG data URIs, no script, no external URL, and every charted
 number also in a table cell tagged `data-task` / `data-metric` / `data-key`, so the page
@@ -15,349 +16,22 @@ import html
 import io
 import itertools
 import json
-import math
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from transforms.summaries import Summarizer
+
 __all__ = ["REPORT", "render_report", "summarize_output", "write_report"]
 
 REPORT = "report.html"
 _MIME = "application/octet-stream"
-
-# Fixed bins, so that the numbers mean the same in every run: scores over 0..1; lengths
-# in powers of two (0, 1, 2-3, 4-7, ...; empty bins at either end left out); embedding
-# norms with one bin around 1, where normalized vectors fall.
-_SCORE_EDGES = [round(i / 10, 1) for i in range(11)]
-_LENGTH_EDGES = [0, 1, *(2**k for k in range(1, 25))]
-_NORM_EDGES = [0.0, 0.5, 0.9, 1.1, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 1000.0]
-#: Distinct values listed per count table; the rest are summed as `other`.
-_TOP = 20
-
-
-class _Histogram:
-    """Counts of values in fixed bins, plus count, min, max and mean; values stream in."""
-
-    def __init__(self, edges: Sequence[float], *, trim: bool):
-        self.edges = list(edges)
-        self.trim = trim
-        self.counts = np.zeros(len(edges) - 1, dtype=np.int64)
-        self.below = self.above = self.count = 0
-        self.total = 0.0
-        self.low, self.high = math.inf, -math.inf
-
-    def add(self, values: np.ndarray) -> None:
-        values = np.asarray(values, dtype=np.float64)
-        values = values[~np.isnan(values)]
-        if not values.size:
-            return
-        # np.histogram: bins closed on the left, the last one on both sides.
-        self.counts += np.histogram(values, self.edges)[0]
-        self.below += int((values < self.edges[0]).sum())
-        self.above += int((values > self.edges[-1]).sum())
-        self.count += int(values.size)
-        self.total += float(values.sum())
-        self.low = min(self.low, float(values.min()))
-        self.high = max(self.high, float(values.max()))
-
-    def to_json(self) -> dict:
-        counts, edges = self.counts.tolist(), self.edges
-        if self.trim:
-            filled = [i for i, n in enumerate(counts) if n] or [0]
-            first, last = filled[0], filled[-1]
-            counts, edges = counts[first : last + 1], edges[first : last + 2]
-        empty = not self.count
-        return {
-            "edges": edges,
-            "counts": counts,
-            "below": self.below,
-            "above": self.above,
-            "count": self.count,
-            "min": None if empty else _rounded(self.low),
-            "max": None if empty else _rounded(self.high),
-            "mean": None if empty else _rounded(self.total / self.count),
-        }
-
-
-def _rounded(value: float) -> float | int:
-    return int(value) if float(value).is_integer() else round(value, 6)
-
-
-def _top(counter: Counter) -> dict:
-    ranked = sorted(counter.items(), key=lambda item: (-item[1], item[0]))
-    kept = ranked[:_TOP]
-    return {
-        "counts": dict(kept),
-        "other": sum(n for _, n in ranked[_TOP:]),
-        "distinct": len(ranked),
-    }
-
-
-def _array(table: pa.Table, name: str) -> pa.Array:
-    column = table.column(name)
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    return array.dictionary_decode() if pa.types.is_dictionary(array.type) else array
-
-
-def _floats(array: pa.Array) -> np.ndarray:
-    return pc.drop_null(array).to_numpy(zero_copy_only=False).astype(np.float64)
-
-
-def _value_counts(array: pa.Array) -> Counter:
-    counts = pc.value_counts(pc.drop_null(array))
-    return Counter(
-        dict(
-            zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True)
-        )
-    )
-
-
-def _best(array: pa.Array) -> pa.Array:
-    """The first element of each non-empty list: the best label, answer or token."""
-    return pc.list_flatten(pc.list_slice(array, 0, 1))
-
-
-def _words(array: pa.Array) -> np.ndarray:
-    return _floats(pc.list_value_length(pc.utf8_split_whitespace(array)))
-
-
-class _Output:
-    """Streams one task's output columns into its summary."""
-
-    kind = "rows"
-
-    def __init__(self, name: str, columns: Sequence[str]):
-        self.name = name
-        self.columns = list(columns)
-        self.non_null = 0
-
-    def add(self, table: pa.Table) -> None:
-        self.non_null += sum(len(table) - table.column(c).null_count for c in self.columns)
-
-    def to_json(self) -> dict:
-        return {"kind": self.kind, "non_null_cells": self.non_null}
-
-
-class _Labels(_Output):
-    """text-classification (`N_label`, or the best of `N_labels`) and zero-shot."""
-
-    kind = "labels"
-
-    def __init__(self, name: str, columns: Sequence[str]):
-        listed = f"{name}_label" not in columns
-        suffix = "s" if listed else ""
-        super().__init__(name, [f"{name}_label{suffix}", f"{name}_score{suffix}"])
-        self.listed = listed
-        self.labels: Counter = Counter()
-        self.scores = _Histogram(_SCORE_EDGES, trim=False)
-
-    def add(self, table: pa.Table) -> None:
-        labels, scores = (_array(table, c) for c in self.columns)
-        if self.listed:
-            labels, scores = _best(labels), _best(scores)
-        self.labels.update(_value_counts(labels))
-        self.scores.add(_floats(scores))
-
-    def to_json(self) -> dict:
-        return {
-            "kind": self.kind,
-            "label_counts": _top(self.labels),
-            "score": self.scores.to_json(),
-        }
-
-
-class _Entities(_Output):
-    """ner / token-classification: entity types, entities per row, entity scores."""
-
-    kind = "entities"
-
-    def __init__(self, name: str, columns: Sequence[str]):
-        super().__init__(name, [name])
-        self.groups: Counter = Counter()
-        self.per_row = _Histogram(_LENGTH_EDGES, trim=True)
-        self.scores = _Histogram(_SCORE_EDGES, trim=False)
-
-    def add(self, table: pa.Table) -> None:
-        entities = _array(table, self.name)
-        flat = pc.list_flatten(entities)
-        self.groups.update(_value_counts(pc.struct_field(flat, "entity_group")))
-        self.per_row.add(_floats(pc.list_value_length(entities)))
-        self.scores.add(_floats(pc.struct_field(flat, "score")))
-
-    def to_json(self) -> dict:
-        return {
-            "kind": self.kind,
-            "entity_counts": _top(self.groups),
-            "entities_per_row": self.per_row.to_json(),
-            "score": self.scores.to_json(),
-        }
-
-
-class _FillMask(_Output):
-    """fill-mask: the best token per row and its score."""
-
-    kind = "tokens"
-
-    def __init__(self, name: str, columns: Sequence[str]):
-        super().__init__(name, [name])
-        self.tokens: Counter = Counter()
-        self.scores = _Histogram(_SCORE_EDGES, trim=False)
-
-    def add(self, table: pa.Table) -> None:
-        best = _best(_array(table, self.name))
-        self.tokens.update(_value_counts(pc.struct_field(best, "token_str")))
-        self.scores.add(_floats(pc.struct_field(best, "score")))
-
-    def to_json(self) -> dict:
-        return {
-            "kind": self.kind,
-            "top_token_counts": _top(self.tokens),
-            "score": self.scores.to_json(),
-        }
-
-
-class _Answers(_Output):
-    """question-answering: answer length in words, answer score."""
-
-    kind = "answers"
-
-    def __init__(self, name: str, columns: Sequence[str]):
-        super().__init__(name, [f"{name}_answer", f"{name}_score"])
-        self.lengths = _Histogram(_LENGTH_EDGES, trim=True)
-        self.scores = _Histogram(_SCORE_EDGES, trim=False)
-
-    def add(self, table: pa.Table) -> None:
-        answers, scores = (_array(table, c) for c in self.columns)
-        self.lengths.add(_words(answers))
-        self.scores.add(_floats(scores))
-
-    def to_json(self) -> dict:
-        return {
-            "kind": self.kind,
-            "answer_words": self.lengths.to_json(),
-            "score": self.scores.to_json(),
-        }
-
-
-class _Texts(_Output):
-    """summarization, translation, text-generation: output length in words (and flags)."""
-
-    kind = "texts"
-
-    def __init__(self, name: str, columns: Sequence[str]):
-        flagged = f"{name}_flagged"
-        super().__init__(name, [name, *([flagged] if flagged in columns else [])])
-        self.lengths = _Histogram(_LENGTH_EDGES, trim=True)
-        self.flagged: int | None = 0 if len(self.columns) > 1 else None
-
-    def add(self, table: pa.Table) -> None:
-        self.lengths.add(_words(_array(table, self.name)))
-        if self.flagged is not None:
-            self.flagged += int(pc.sum(_array(table, self.columns[1])).as_py() or 0)
-
-    def to_json(self) -> dict:
-        summary = {"kind": self.kind, "output_words": self.lengths.to_json()}
-        if self.flagged is not None:
-            summary["flagged_rows"] = self.flagged
-        return summary
-
-
-class _Vectors(_Output):
-    """feature-extraction: vector dimensions and L2 norms."""
-
-    kind = "vectors"
-
-    def __init__(self, name: str, columns: Sequence[str]):
-        super().__init__(name, [name])
-        self.dimensions: Counter = Counter()
-        self.norms = _Histogram(_NORM_EDGES, trim=True)
-
-    def add(self, table: pa.Table) -> None:
-        vectors = _array(table, self.name)
-        self.dimensions.update(_value_counts(pc.list_value_length(vectors)))
-        values = _floats(pc.list_flatten(vectors))
-        rows = pc.list_parent_indices(vectors).to_numpy(zero_copy_only=False)
-        squares = np.bincount(rows, weights=values * values, minlength=len(vectors))
-        present = vectors.is_valid().to_numpy(zero_copy_only=False)
-        self.norms.add(np.sqrt(squares[present]))
-
-    def to_json(self) -> dict:
-        return {
-            "kind": self.kind,
-            "dimension_counts": _top(Counter({str(d): n for d, n in self.dimensions.items()})),
-            "norm": self.norms.to_json(),
-        }
-
-
-_OUTPUTS: dict[str, type[_Output]] = {
-    "sentiment-analysis": _Labels,
-    "text-classification": _Labels,
-    "zero-shot-classification": _Labels,
-    "ner": _Entities,
-    "token-classification": _Entities,
-    "fill-mask": _FillMask,
-    "question-answering": _Answers,
-    "summarization": _Texts,
-    "translation": _Texts,
-    "text-generation": _Texts,
-    "feature-extraction": _Vectors,
-}
-
-
-class _InputLengths:
-    """Characters per input text; null (and, in CSV, empty) cells counted apart."""
-
-    def __init__(self, column: str):
-        self.columns = [column]
-        self.lengths = _Histogram(_LENGTH_EDGES, trim=True)
-        self.missing = 0
-
-    def add(self, table: pa.Table) -> None:
-        texts = _array(table, self.columns[0])
-        self.missing += texts.null_count
-        self.lengths.add(_floats(_text_lengths(texts)))
-
-    def to_json(self) -> dict:
-        return {
-            "column": self.columns[0],
-            "characters": self.lengths.to_json(),
-            "missing": self.missing,
-        }
-
-
-def _text_lengths(array: pa.Array) -> pa.Array:
-    """Characters per cell of any column a task may read; bytes for binary cells.
-
-    Arrow's `utf8_length` takes only `string` and `large_string`: a `string_view`
-    column, a column of nulls only (the `null` type) or a column a prompt template
-    pastes as text (numbers, dates) would fail the whole report.
-    """
-    type_ = array.type
-    if pa.types.is_null(type_):
-        return pa.array([], pa.int64())
-    if pa.types.is_binary_view(type_):
-        array, type_ = array.cast(pa.large_binary()), pa.large_binary()
-    if pa.types.is_binary(type_) or pa.types.is_large_binary(type_):
-        return pc.binary_length(array)
-    if not (pa.types.is_string(type_) or pa.types.is_large_string(type_)):
-        try:
-            array = array.cast(pa.large_string())
-        except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
-            # Lists and structs: their JSON text, as CSV output writes them.
-            cells = [
-                None if cell is None else json.dumps(cell, ensure_ascii=False, default=str)
-                for cell in array.to_pylist()
-            ]
-            array = pa.array(cells, pa.large_string())
-    return pc.utf8_length(array)
 
 
 def summarize_output(
@@ -368,6 +42,9 @@ def summarize_output(
     output_format: str,
 ) -> tuple[dict[str, dict], dict[str, dict[str, int]]]:
     """Summarizes what each task wrote and why rows failed, reading each file once.
+
+    Runs summarize as they write (`transforms.summaries`); this reads a finished output
+    again, for outputs made otherwise and to check that both agree.
 
     Args:
         part_paths: the output's data files (Parquet or CSV, all with `schema`).
@@ -381,21 +58,11 @@ def summarize_output(
         Task name -> `{"input": input length summary, "output": output summary}`, and
         task name -> error type -> failed rows.
     """
-    inputs = {column: _InputLengths(column) for column in {t["input_columns"][0] for t in tasks}}
-    outputs = {t["name"]: _OUTPUTS.get(t["task"], _Output)(t["name"], t["columns"]) for t in tasks}
-    accumulators = [*inputs.values(), *outputs.values()]
-    needed = list(dict.fromkeys(c for a in accumulators for c in a.columns))
+    summarizer = Summarizer(tasks)
     for path in part_paths:
-        for table in _read_columns(path, output_format, needed, schema):
-            for accumulator in accumulators:
-                accumulator.add(table)
-    summaries = {
-        t["name"]: {
-            "input": inputs[t["input_columns"][0]].to_json(),
-            "output": outputs[t["name"]].to_json(),
-        }
-        for t in tasks
-    }
+        for table in _read_columns(path, output_format, summarizer.columns, schema):
+            summarizer.add(table)
+    summaries, _ = summarizer.summaries()
     return summaries, _failures_by_type(errors_paths, [t["name"] for t in tasks])
 
 

@@ -254,6 +254,36 @@ def test_missing_column_and_column_clash_exit_2(tmp_path, tiny_models, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_bad_inputs_the_launcher_did_not_read_fail_the_run_on_workers(
+    tmp_path, tiny_models, capsys, monkeypatch
+):
+    """Past the launcher's sample, workers check each file as they plan it: a corrupt
+    footer or other columns fail the run with exit 2, the file named, nothing published."""
+    import pipelines.enrich
+
+    monkeypatch.setattr(pipelines.enrich, "CHECKED_FILES", 2)
+    table = pq.read_table(SAMPLE_DATA / "reviews.parquet").slice(0, 4)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("a", "c"):
+        pq.write_table(table, inputs / f"{name}.parquet")
+    spec = write_spec(tmp_path / "job.yaml", tiny_models)
+    output = tmp_path / "out"
+    args = ["--input", str(inputs), "--output", str(output), "--spec", str(spec)]
+    for bad, content in (("b-other", None), ("b-corrupt", b"PAR1 not a parquet file PAR1")):
+        path = inputs / f"{bad}.parquet"
+        if content is None:
+            pq.write_table(pa.table({"other": [1]}), path)
+        else:
+            path.write_bytes(content)
+        assert main([*args, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("beam-enrich: error: ") and str(path) in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert not output.exists()
+        path.unlink()
+
+
 def test_missing_model_directory_exits_2(tmp_path, capsys):
     spec = tmp_path / "job.yaml"
     spec.write_text(

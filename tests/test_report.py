@@ -179,11 +179,44 @@ def test_csv_output_gives_the_same_summaries(run, tmp_path):
     assert from_parquet[0] == {task["name"]: task["summary"] for task in manifest["tasks"]}
 
 
+def test_summaries_made_while_writing_equal_a_read_of_the_csv_output(tmp_path, tiny_models):
+    """Two work items (two parts), CSV output: the per-part summaries, added up at
+    publish, equal a summary read back from the published CSV files."""
+    table = pq.read_table(SAMPLE_DATA / "reviews.parquet").slice(0, ROWS)
+    texts = table.column("text").to_pylist()
+    texts[NULL_ROW], texts[NULL_ROW + 1] = None, ""
+    table = table.set_column(table.schema.get_field_index("text"), "text", pa.array(texts))
+    sources = tmp_path / "in"
+    sources.mkdir()
+    pq.write_table(table.slice(0, 5), sources / "a.parquet")
+    pq.write_table(table.slice(5), sources / "b.parquet")
+    model = str(tiny_models["text-classification"])
+    spec = tmp_path / "job.yaml"
+    spec.write_text(
+        json.dumps({"tasks": [{"name": "s", "task": "sentiment-analysis", "model": model}]})
+    )
+    output = tmp_path / "out"
+    args = ["--input", str(sources), "--output", str(output), "--spec", str(spec)]
+    assert main([*args, "--output-format", "csv", "--quiet"]) == 0
+    manifest = json.loads((output / "manifest.json").read_text())
+
+    parts = sorted(str(p) for p in output.glob("part-*.csv"))
+    assert len(parts) == 2
+    # The columns the summaries read, as the run typed them.
+    schema = pa.schema([("text", pa.string()), ("s_label", pa.string()), ("s_score", pa.float32())])
+    summaries, failed = summarize_output(
+        parts, [str(output / "errors.jsonl")], manifest["tasks"], schema, "csv"
+    )
+    assert {task["name"]: task["summary"] for task in manifest["tasks"]} == summaries
+    assert manifest["failed_by_type"] == failed
+    assert summaries["s"]["input"]["missing"] == 2  # null, and empty as CSV reads it
+
+
 def test_a_report_error_never_fails_the_run(monkeypatch, tmp_path, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("chart library missing")
 
-    monkeypatch.setattr(manifest_module, "summarize_output", broken)
+    monkeypatch.setattr(manifest_module, "merge_summaries", broken)
     manifest = {"output": {}, "tasks": [{"name": "sentiment"}]}
     context = types.SimpleNamespace(
         output=str(tmp_path), tasks=[], output_schema=pa.schema([]), output_format="parquet"

@@ -105,8 +105,8 @@ class PartInfo:
         devices: task name -> sorted "device/dtype" strings the workers used.
         item: the stem of the work item the part belongs to.
         item_end: the part holds the item's last rows.
-        summaries: task name -> mergeable summary of its columns (see
-            `transforms.summaries`), computed as the rows were written.
+        summaries: the summary state of the part's rows (`transforms.summaries`),
+            computed as they were written; publishing adds the parts' states up.
     """
 
     path: str
@@ -169,9 +169,9 @@ class _StagedPart:
         self._rows += table.num_rows
         self._rows_read += chunk.rows_read
         self._ended = chunk.item_end
-        if self._summarizer is not None:
-            self._summarizer.add(table)
         records = failure_records(chunk)
+        if self._summarizer is not None:
+            self._summarizer.add(table, records)
         if records:
             if self._errors is None:
                 self._errors = FileSystems.create(f"{self._temporary}.errors", _MIME)
@@ -214,7 +214,7 @@ class _StagedPart:
             devices={task: sorted(v) for task, v in self._devices.items()},
             item=self._item,
             item_end=self._ended,
-            summaries=self._summarizer.to_json() if self._summarizer is not None else {},
+            summaries=self._summarizer.state() if self._summarizer is not None else {},
         )
         _write_marker(f"{final}{_MARKER}", info)
         _kill_point("staged")
@@ -275,8 +275,8 @@ class WriteParts(beam.PTransform):
         directory: the staging folder of this job's fingerprint.
         schema: the output schema (input schema + task columns + `enrich_errors`).
         output_format: `parquet` or `csv`.
-        summarizer_factory: makes the per-part summary accumulator (`add(table)`,
-            `to_json()`); None: no summaries.
+        summarizer_factory: makes each part's summary accumulator (`add(table,
+            failures)`, `state()`; see `transforms.summaries`); None: no summaries.
     """
 
     def __init__(
