@@ -7,6 +7,7 @@ prompts are built here from the same weights with sentence-transformers' own mod
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -157,7 +158,7 @@ def test_reduced_precision_with_a_dense_layer(st_folders, texts, dtype, floor):
 def test_params_that_contradict_the_model_are_refused(st_folders, folder, params, message):
     path = MODEL_DIR if folder == "minilm" else st_folders[folder]
     adapter = FeatureExtraction("emb", FeatureExtractionParams(**params))
-    with pytest.raises(ModelError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ModelError, match=re.escape(message)):
         adapter.resolved_parameters(resolve_model(str(path)))
 
 
@@ -169,3 +170,14 @@ def test_params_agreeing_with_the_model_are_accepted():
 def test_prompt_and_prompt_name_exclude_each_other():
     with pytest.raises(ValidationError, match="at most one of `prompt`"):
         FeatureExtractionParams(prompt="query: ", prompt_name="query")
+
+
+def test_a_model_missing_its_pooling_folder_is_refused(tmp_path):
+    import shutil
+
+    broken = tmp_path / "minilm"
+    shutil.copytree(MODEL_DIR, broken)
+    shutil.rmtree(broken / "1_Pooling")
+    adapter = FeatureExtraction("emb", FeatureExtractionParams())
+    with pytest.raises(ModelError, match=r"has no 1_Pooling/config\.json"):
+        adapter.resolved_parameters(resolve_model(str(broken)))

@@ -202,9 +202,15 @@ def _read_config(model: ResolvedModel) -> _SentenceTransformersConfig | None:
     for entry, module_name in zip(modules, names, strict=True):
         if module_name == "Pooling":
             folder = entry.get("path", "")
-            pooling = _pooling_mode(
-                _read_json(model, f"{folder}/config.json" if folder else "config.json") or {}
-            )
+            name = f"{folder}/config.json" if folder else "config.json"
+            found = _read_json(model, name)
+            if found is None:
+                # sentence-transformers cannot build the module without it either.
+                raise ModelError(
+                    f"model {model.model!r} lists a Pooling module in modules.json but has no "
+                    f"{name}; copy or download the whole model folder, subfolders included"
+                )
+            pooling = _pooling_mode(found)
     settings = _read_json(model, "config_sentence_transformers.json") or {}
     return _SentenceTransformersConfig(
         modules=names,
