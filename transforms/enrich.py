@@ -333,7 +333,12 @@ def _infer_isolating(
         _infer_isolating(runner, batch[middle:], results, errors, limit, timeout_s)
         return
     for (row, _), output in zip(batch, outputs, strict=True):
-        results[row] = output
+        # A runner may fail one row of a batch that ran (an output that fails its check)
+        # without failing, and re-running, the rows beside it.
+        if isinstance(output, InvalidInput):
+            errors[row] = _describe(output)
+        else:
+            results[row] = output
 
 
 def _describe(err: BaseException) -> str:

@@ -245,7 +245,10 @@ class _Texts(_Output):
         self.flagged: int | None = 0 if len(self.columns) > 1 else None
 
     def add(self, table: pa.Table) -> None:
-        self.lengths.add(_words(_array(table, self.name)))
+        texts = _array(table, self.name)
+        # A text-generation task with a json_schema writes a struct: no words to count.
+        if pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type):
+            self.lengths.add(_words(texts))
         if self.flagged is not None:
             self.flagged += int(pc.sum(_array(table, self.columns[1])).as_py() or 0)
 

@@ -1,20 +1,33 @@
-"""text-generation: a decoder-only model continues each row's prompt.
+"""text-generation: a decoder-only model continues each row's prompt, or answers it.
 
 Prompts are tokenized once per chunk and generated in length-sorted, left-padded
 micro-batches, one `generate` call per micro-batch. A prompt template can fill the
-prompt from several columns; a blocklist can flag (and blank) outputs that match it.
+prompt from several columns; chat prompts (`system`, `messages`, `chat: true`) are
+rendered with the model's chat template (`transforms.chat_prompt`); a `json_schema`
+holds the output to a JSON Schema and writes it as a typed struct column
+(`transforms.json_schema`, `transforms.grammar`); a blocklist can flag (and blank)
+outputs that match it.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import string
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
+from transforms.json_schema import (
+    SchemaError,
+    arrow_type,
+    closed_schema,
+    load_schema,
+    to_arrow_value,
+)
 from transforms.models import ResolvedModel, load_kwargs, place_model
 from transforms.tasks.base import (
     Encoded,
@@ -26,9 +39,33 @@ from transforms.tasks.base import (
     pad_batch,
 )
 
-__all__ = ["TextGeneration", "TextGenerationParams", "parse_template", "read_blocklist"]
+__all__ = [
+    "ChatMessage",
+    "InvalidOutput",
+    "TextGeneration",
+    "TextGenerationParams",
+    "parse_template",
+    "read_blocklist",
+]
 
 _SAMPLING_KNOBS = ("temperature", "top_p", "top_k")
+
+
+class InvalidOutput(InvalidInput):
+    """A row whose generated text fails its check (not JSON of the schema, …)."""
+
+
+class ChatMessage(Params):
+    """One message of a chat prompt; `content` is a template like `prompt`."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+    @field_validator("content")
+    @classmethod
+    def _content_is_a_template(cls, value: str) -> str:
+        parse_template(value)
+        return value
 
 
 class TextGenerationParams(Params):
@@ -57,6 +94,17 @@ class TextGenerationParams(Params):
             blank lines are skipped), matched case-insensitively against the generated
             text; adds the column `<name>_flagged`.
         drop_flagged: blank (null) outputs the blocklist flags.
+        chat: render the prompt with the model's chat template, as the user's turn
+            (the input column's text when there is no `prompt`); null: chat when
+            `system` or `messages` is given.
+        system: a system message (a template too) before the user's turn.
+        messages: the whole conversation instead of `system` and `prompt`: role and
+            content (a template) per message, ending with a user message.
+        json_schema: a JSON Schema (inline, or the path of a JSON file) the output is
+            held to while it is generated; the column is then a struct typed from the
+            schema, and a row whose output is not complete JSON of it (cut by
+            `max_new_tokens`) fails with the reason.
+        raw_output: with `json_schema`, also write the generated text as `<name>_raw`.
     """
 
     max_new_tokens: int = Field(50, ge=1)
@@ -72,6 +120,11 @@ class TextGenerationParams(Params):
     prompt: str | None = None
     blocklist: str | None = None
     drop_flagged: bool = False
+    chat: bool | None = None
+    system: str | None = None
+    messages: tuple[ChatMessage, ...] | None = Field(None, min_length=1)
+    json_schema: dict[str, Any] | str | None = None
+    raw_output: bool = False
 
     @field_validator("stop")
     @classmethod
@@ -80,12 +133,34 @@ class TextGenerationParams(Params):
             raise ValueError("stop strings must not be empty")
         return value
 
-    @field_validator("prompt")
+    @field_validator("prompt", "system")
     @classmethod
     def _prompt_is_a_template(cls, value: str | None) -> str | None:
         if value is not None:
             parse_template(value)
         return value
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_is_typed(cls, value: dict | str | None) -> dict | None:
+        # Read (from its file) and typed here, so a bad schema fails before any data is
+        # read, and the manifest records the schema itself, not just a path.
+        if value is None:
+            return None
+        from transforms.grammar import GrammarError, compile_json_schema
+
+        try:
+            schema = load_schema(value)
+            arrow_type(schema)
+            compile_json_schema(closed_schema(schema))
+        except (SchemaError, GrammarError) as err:
+            raise ValueError(str(err)) from None
+        return schema
+
+    @property
+    def is_chat(self) -> bool:
+        """Whether prompts are rendered with the model's chat template."""
+        return bool(self.chat) or self.system is not None or self.messages is not None
 
     @model_validator(mode="after")
     def _options_fit_together(self) -> TextGenerationParams:
@@ -103,6 +178,31 @@ class TextGenerationParams(Params):
             )
         if self.drop_flagged and self.blocklist is None:
             raise ValueError("drop_flagged needs a blocklist; set blocklist: <file>")
+        if self.chat is False and (self.system is not None or self.messages is not None):
+            raise ValueError("system and messages are chat prompts; remove chat: false")
+        if self.messages is not None:
+            if self.prompt is not None or self.system is not None:
+                raise ValueError(
+                    "messages holds the whole conversation; put the system and user turns "
+                    "in it instead of system / prompt"
+                )
+            if self.messages[-1].role != "user":
+                raise ValueError("messages must end with a user message the model answers")
+        if self.is_chat and self.return_full_text:
+            raise ValueError(
+                "return_full_text applies to plain prompts; a chat output is the answer only"
+            )
+        if self.json_schema is not None:
+            if self.stop:
+                raise ValueError(
+                    "stop does not apply with json_schema: the schema decides where the output ends"
+                )
+            if (self.num_beams or 1) > 1:
+                raise ValueError("json_schema needs num_beams: 1 (one matcher per row)")
+            if self.return_full_text:
+                raise ValueError("return_full_text does not apply with json_schema")
+        elif self.raw_output:
+            raise ValueError("raw_output needs a json_schema")
         return self
 
 
@@ -156,6 +256,20 @@ def parse_template(template: str) -> list[tuple[str, str | None]]:
     return pieces
 
 
+def _folder_has_chat_template(path: str) -> bool:
+    """Whether a saved tokenizer folder carries a chat template (in any of its forms)."""
+    if any(
+        os.path.isfile(os.path.join(path, name))
+        for name in ("chat_template.jinja", "chat_template.json")
+    ):
+        return True
+    try:
+        with open(os.path.join(path, "tokenizer_config.json"), encoding="utf-8") as handle:
+            return bool(json.load(handle).get("chat_template"))
+    except (OSError, ValueError):
+        return False
+
+
 def read_blocklist(path: str) -> tuple[str, ...]:
     """The regular expressions of a blocklist file, one per entry.
 
@@ -204,6 +318,8 @@ class TextGeneration(TaskAdapter):
     # than the encoder tasks' budget leaves. Measured on CPU (gpt2 shape, 64 prompts,
     # 32 new tokens): 51.5 new tokens/s at 2048, 55-57 at 3072 and at 4096.
     batch_tokens_factor = 2
+    #: A GGUF file (`model: path/to/file.gguf`) loads as a causal LM.
+    loads_gguf = True
 
     def __init__(self, name: str, params: Params | None = None, **kwargs: Any):
         super().__init__(name, params, **kwargs)
@@ -212,16 +328,70 @@ class TextGeneration(TaskAdapter):
         # blocklist fails before any data is read, and workers need no file.
         self.template = parse_template(params.prompt) if params.prompt is not None else None
         self.blocklist = read_blocklist(params.blocklist) if params.blocklist is not None else None
+        self.messages = self._chat_messages() if params.is_chat else None
+        self.output_type = (
+            arrow_type(params.json_schema) if params.json_schema is not None else pa.string()
+        )
+
+    def _chat_messages(self) -> list[tuple[str, list[tuple[str, str | None]]]]:
+        """(role, template pieces) per message; the user's turn defaults to the text."""
+        params = self.params
+        if params.messages is not None:
+            return [(m.role, parse_template(m.content)) for m in params.messages]
+        messages = []
+        if params.system is not None:
+            messages.append(("system", parse_template(params.system)))
+        messages.append(("user", self.template or [("", self.input_column)]))
+        return messages
+
+    def check_model(self, model: str) -> None:
+        """Refuses a local model a chat prompt cannot run on: one without a chat template.
+
+        Hub models are checked when their tokenizer loads.
+
+        Raises:
+            ValueError: the model is a local folder or GGUF file without a chat template.
+        """
+        if self.messages is None:
+            return
+        from transforms.models import PACKAGE_PREFIX, ModelError, gguf_metadata, package_file
+
+        try:
+            path = package_file(model) if model.startswith(PACKAGE_PREFIX) else model
+        except ModelError:
+            return  # resolving the model reports it, beside any other model problem
+        if os.path.isfile(path) and path.lower().endswith(".gguf"):
+            found = "tokenizer.chat_template" in gguf_metadata(path)
+        elif os.path.isdir(path):
+            found = _folder_has_chat_template(path)
+        else:
+            return
+        if not found:
+            raise ValueError(
+                f"model {model!r} has no chat template, so chat prompts (system, messages, "
+                "chat: true) cannot be rendered; use a plain `prompt` or an instruct model"
+            )
+
+    def chat_columns(self) -> list[str]:
+        """The column of each cell a chat prompt pastes in, in the order of its slots."""
+        return [
+            field for _, pieces in self.messages or () for _, field in pieces if field is not None
+        ]
 
     def fields(self) -> list[pa.Field]:
-        fields = [pa.field(self.name, pa.string())]
+        fields = [pa.field(self.name, self.output_type)]
+        if self.params.raw_output:
+            fields.append(pa.field(f"{self.name}_raw", pa.string()))
         if self.blocklist is not None:
             fields.append(pa.field(f"{self.name}_flagged", pa.bool_()))
         return fields
 
     def read_columns(self) -> list[str]:
         columns = [self.input_column]
-        for _, field in self.template or ():
+        pieces = self.template or []
+        for _, message in self.messages or ():
+            pieces = [*pieces, *message]
+        for _, field in pieces:
             if field is not None and field not in columns:
                 columns.append(field)
         return columns
@@ -230,14 +400,34 @@ class TextGeneration(TaskAdapter):
         # A prompt template pastes any cell as its text (`{stars}` of an int column).
         return [self.input_column]
 
-    def row_inputs(self, columns: dict[str, list]) -> list[str | InvalidInput]:
+    def row_inputs(self, columns: dict[str, list]) -> list[Any]:
         texts = [check_text(value) for value in columns[self.input_column]]
+        if self.messages is not None:
+            slots = self.chat_columns()
+            return [
+                text if isinstance(text, InvalidInput) else self._cells(columns, slots, row)
+                for row, text in enumerate(texts)
+            ]
         if self.template is None:
             return texts
         prompts: list[str | InvalidInput] = []
         for row, text in enumerate(texts):
             prompts.append(text if isinstance(text, InvalidInput) else self._render(columns, row))
         return prompts
+
+    def _cells(
+        self, columns: dict[str, list], slots: list[str], row: int
+    ) -> tuple[str, ...] | InvalidInput:
+        # A chat prompt's cells stay apart: the runner tokenizes them as plain text.
+        cells = []
+        for field in slots:
+            value = columns[field][row]
+            if value is None:
+                return InvalidInput(f"prompt column {field!r} is null")
+            if isinstance(value, InvalidInput):
+                return InvalidInput(f"prompt column {field!r}: {value}")
+            cells.append(value if isinstance(value, str) else str(value))
+        return tuple(cells)
 
     def _render(self, columns: dict[str, list], row: int) -> str | InvalidInput:
         # Values are pasted, never formatted: braces inside a cell stay literal.
@@ -253,19 +443,37 @@ class TextGeneration(TaskAdapter):
                 parts.append(value if isinstance(value, str) else str(value))
         return "".join(parts)
 
-    def load(self, model: ResolvedModel, device: str, dtype: str) -> _Runner:
+    def load(self, model: ResolvedModel, device: str, dtype: str) -> _TextGenerationRunner:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         kwargs = load_kwargs(model, dtype)
         tokenizer = AutoTokenizer.from_pretrained(
-            model.model, revision=kwargs.get("revision"), trust_remote_code=model.trust_remote_code
+            model.model,
+            revision=kwargs.get("revision"),
+            trust_remote_code=model.trust_remote_code,
+            gguf_file=model.gguf_file,
         )
+        if self.messages is not None:
+            from transforms.chat_prompt import ChatPrompt
+
+            # Before the weights: a model without a chat template fails at once.
+            ChatPrompt(tokenizer, self.messages)
         network = AutoModelForCausalLM.from_pretrained(model.model, **kwargs)
-        network = place_model(network, device, dtype)
-        return _Runner(tokenizer, network, device, self.params, self.blocklist)
+        return self.runner(tokenizer, place_model(network, device, dtype), device)
+
+    def runner(self, tokenizer, model, device: str = "cpu") -> _TextGenerationRunner:
+        """The runner for a tokenizer and model already loaded (tests, notebooks)."""
+        chat = None
+        if self.messages is not None:
+            from transforms.chat_prompt import ChatPrompt
+
+            chat = ChatPrompt(tokenizer, self.messages)
+        return _TextGenerationRunner(
+            tokenizer, model, device, self.params, self.blocklist, chat, self.output_type
+        )
 
 
-class _Runner:
+class _TextGenerationRunner:
     def __init__(
         self,
         tokenizer,
@@ -273,6 +481,8 @@ class _Runner:
         device: str,
         params: TextGenerationParams,
         blocklist: tuple[str, ...] | None,
+        chat: Any = None,
+        output_type: pa.DataType | None = None,
     ):
         from transformers import StoppingCriteriaList, StopStringCriteria
 
@@ -322,17 +532,33 @@ class _Runner:
         self.blocklist = (
             None if blocklist is None else [re.compile(p, re.IGNORECASE) for p in blocklist]
         )
+        self.chat = chat
+        self.output_type = output_type
+        self.constraint = None
+        if params.json_schema is not None:
+            from transforms.grammar import JsonSchemaConstraint, compile_json_schema
 
-    def prepare(self, prompts: Sequence[str]) -> list[Encoded | InvalidInput]:
+            grammar = compile_json_schema(closed_schema(params.json_schema))
+            vocab = model.get_output_embeddings().weight.shape[0]
+            self.constraint = JsonSchemaConstraint(tokenizer, grammar, self.eos_ids, vocab)
+
+    def prepare(self, prompts: Sequence[Any]) -> list[Encoded | InvalidInput]:
         if not prompts:
             return []  # the tokenizer rejects an empty batch
         # No truncation: a cut prompt would silently change what the model continues.
         # verbose=False: a too-long prompt is reported per row below, not as a warning.
-        batch = self.tokenizer(
-            list(prompts), return_attention_mask=False, return_token_type_ids=False, verbose=False
-        )
+        if self.chat is not None:
+            batch_ids = self.chat.encode(prompts)
+            prompts = [""] * len(prompts)  # a chat output never includes its prompt
+        else:
+            batch_ids = self.tokenizer(
+                list(prompts),
+                return_attention_mask=False,
+                return_token_type_ids=False,
+                verbose=False,
+            )["input_ids"]
         items: list[Encoded | InvalidInput] = []
-        for prompt, ids in zip(prompts, batch["input_ids"], strict=True):
+        for prompt, ids in zip(prompts, batch_ids, strict=True):
             if not ids:
                 items.append(InvalidInput("prompt has no tokens"))
             elif len(ids) > self.max_prompt:
@@ -372,8 +598,12 @@ class _Runner:
 
         inputs = pad_batch(self.tokenizer, items, self.device)
         kwargs = dict(self.generate_kwargs)
+        # The grammar masks first: temperature and top-k / top-p then see allowed tokens only.
+        processors = [] if self.constraint is None else [self.constraint.for_batch(len(items))]
         if sampler is not None:
-            kwargs["logits_processor"] = LogitsProcessorList([*self.warpers, sampler])
+            processors += [*self.warpers, sampler]
+        if processors:
+            kwargs["logits_processor"] = LogitsProcessorList(processors)
         with torch.inference_mode():
             output = self.model.generate(**inputs, **kwargs)
         width = inputs["input_ids"].shape[1]
@@ -383,19 +613,45 @@ class _Runner:
             results.append(sequence[:end])
         return results
 
-    def _postprocess(self, item: Encoded, ids: list[int]) -> tuple:
+    def _postprocess(self, item: Encoded, ids: list[int]) -> tuple | InvalidOutput:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         cuts = [i for i in (text.find(s) for s in self.params.stop) if i >= 0]
         if cuts:
             text = text[: min(cuts)]
-        output: str | None = item.text + text if self.params.return_full_text else text
+        output: Any = item.text + text if self.params.return_full_text else text
+        values: list = []
+        if self.constraint is not None:
+            output = self._structured(text, len(ids))
+            if isinstance(output, InvalidOutput):
+                return output
+            if self.params.raw_output:
+                values.append(text)
         if self.blocklist is None:
-            return (output,)
+            return (output, *values)
         # Only what the model wrote is checked, not the prompt the user supplied.
         flagged = any(pattern.search(text) for pattern in self.blocklist)
         if flagged and self.params.drop_flagged:
             output = None
-        return (output, flagged)
+            values = [None for _ in values]
+        return (output, *values, flagged)
+
+    def _structured(self, text: str, tokens: int) -> Any:
+        """The output parsed and typed, or why it cannot be."""
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            cut = tokens >= self.params.max_new_tokens
+            why = (
+                f"cut by max_new_tokens ({self.params.max_new_tokens}) before the JSON "
+                "was complete; raise max_new_tokens"
+                if cut
+                else f"not JSON ({err.msg} at character {err.pos})"
+            )
+            return InvalidOutput(f"output {why}: {text[:200]!r}")
+        try:
+            return to_arrow_value(value, self.output_type)
+        except ValueError as err:
+            return InvalidOutput(f"output does not fit the schema: {err}: {text[:200]!r}")
 
 
 def _sampling_warpers(params: TextGenerationParams, config) -> list:

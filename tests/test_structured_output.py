@@ -1,0 +1,155 @@
+"""JSON-Schema typed output: schema -> Arrow types, spec checks, SmolLM2 constrained."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pyarrow as pa
+import pytest
+
+from pipelines.spec import SpecError, parse_spec
+from tests import smollm2
+from transforms.json_schema import SchemaError, arrow_type, load_schema, to_arrow_value
+from transforms.tasks.text_generation import (
+    InvalidOutput,
+    TextGeneration,
+    TextGenerationParams,
+)
+
+REVIEW_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "sentiment": {"enum": ["positive", "negative", "neutral"]},
+        "product": {"type": "string", "maxLength": 30},
+        "stars": {"type": ["integer", "null"], "minimum": 1, "maximum": 5},
+    },
+    "required": ["sentiment", "product", "stars"],
+}
+SYSTEM = (
+    "You extract facts from customer reviews. Answer in JSON with the review's sentiment, "
+    "the product it is about (a short noun) and its stars from 1 to 5."
+)
+
+
+def test_schema_types_map_to_arrow_types():
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "count": {"type": "integer"},
+            "price": {"type": "number"},
+            "ok": {"type": "boolean"},
+            "mood": {"enum": ["up", "down"]},
+            "tags": {"type": "array", "items": {"type": "string"}},
+            "where": {"$ref": "#/$defs/Place"},
+            "note": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+        },
+        "required": ["name", "count", "price", "ok", "mood", "tags", "where"],
+        "$defs": {
+            "Place": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "lat": {"type": "number"}},
+                "required": ["city"],
+            }
+        },
+    }
+    place = pa.struct([pa.field("city", pa.string(), False), pa.field("lat", pa.float64())])
+    assert arrow_type(load_schema(schema)) == pa.struct(
+        [
+            pa.field("name", pa.string(), False),
+            pa.field("count", pa.int64(), False),
+            pa.field("price", pa.float64(), False),
+            pa.field("ok", pa.bool_(), False),
+            pa.field("mood", pa.string(), False),
+            pa.field("tags", pa.list_(pa.string()), False),
+            pa.field("where", place, False),
+            pa.field("note", pa.string()),
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("schema", "message"),
+    [
+        ({"type": "object", "properties": {"x": {"type": "nope"}}}, "not a valid JSON Schema"),
+        ({"type": "string"}, "top level must be"),
+        ({"type": "object", "properties": {"x": {"type": ["string", "integer"]}}}, "x.type"),
+        ({"type": "object", "properties": {"x": {"type": "array"}}}, r"properties\.x\.items"),
+        ({"type": "object", "properties": {"x": {"enum": ["a", 1]}}}, r"properties\.x\.enum"),
+        (
+            {"type": "object", "properties": {"x": {}}, "additionalProperties": True},
+            "additionalProperties",
+        ),
+    ],
+)
+def test_schemas_without_an_arrow_type_are_refused(schema, message):
+    with pytest.raises(SchemaError, match=message):
+        arrow_type(load_schema(schema))
+
+
+def test_the_spec_names_the_schema_key_it_cannot_type(tmp_path):
+    bad = {"type": "object", "properties": {"tags": {"type": "array"}}}
+    spec = {
+        "tasks": [
+            {"name": "x", "task": "text-generation", "params": {"json_schema": bad}},
+        ]
+    }
+    with pytest.raises(SpecError, match=r"tasks\[0\]\.params\.json_schema\.properties\.tags"):
+        parse_spec(spec)
+    path = tmp_path / "review.json"
+    path.write_text(json.dumps(REVIEW_SCHEMA), encoding="utf-8")
+    spec["tasks"][0]["params"]["json_schema"] = str(path)
+    task = parse_spec(spec).tasks[0]
+    assert task.params.json_schema == REVIEW_SCHEMA  # the schema itself, for the manifest
+    with pytest.raises(SpecError, match="raw_output needs a json_schema"):
+        parse_spec({"tasks": [{**spec["tasks"][0], "params": {"raw_output": True}}]})
+
+
+def test_values_are_checked_against_the_column_type():
+    kind = arrow_type(REVIEW_SCHEMA)
+    value = {"sentiment": "positive", "product": "kettle", "stars": 4}
+    assert to_arrow_value(value, kind) == value
+    with pytest.raises(ValueError, match="stars"):
+        to_arrow_value({**value, "stars": "four"}, kind)
+    with pytest.raises(ValueError, match="unexpected key"):
+        to_arrow_value({**value, "extra": 1}, kind)
+
+
+def _runner(**params):
+    _, tokenizer, model = smollm2.load()
+    adapter = TextGeneration("review", TextGenerationParams(**params))
+    return adapter, adapter.runner(tokenizer, model)
+
+
+def test_smollm2_output_follows_the_schema_batched_as_row_by_row():
+    texts = smollm2.review_texts(4)
+    adapter, runner = _runner(
+        system=SYSTEM,
+        prompt="Review: {text}",
+        json_schema=REVIEW_SCHEMA,
+        raw_output=True,
+        max_new_tokens=32,
+    )
+    items = runner.prepare(adapter.row_inputs({"text": texts}))
+    batched = runner.infer(items)
+    one_by_one = [runner.infer([item])[0] for item in items]
+    assert [str(row) for row in batched] == [str(row) for row in one_by_one]
+    assert not [row for row in batched if isinstance(row, InvalidOutput)]
+    column = pa.array([row[0] for row in batched], type=adapter.fields()[0].type)
+    assert column.type == arrow_type(REVIEW_SCHEMA)
+    for value, raw in batched:
+        jsonschema.validate(value, REVIEW_SCHEMA)
+        assert json.loads(raw) == value
+        assert value["sentiment"] in ("positive", "negative", "neutral")
+
+
+def test_output_cut_by_max_new_tokens_fails_its_row_with_the_reason():
+    texts = smollm2.review_texts(2)
+    adapter, runner = _runner(
+        prompt="Review: {text}", chat=True, json_schema=REVIEW_SCHEMA, max_new_tokens=4
+    )
+    outputs = runner.infer(runner.prepare(adapter.row_inputs({"text": texts})))
+    for output in outputs:
+        assert isinstance(output, InvalidOutput)
+        assert "cut by max_new_tokens (4)" in str(output)
