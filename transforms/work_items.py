@@ -231,6 +231,9 @@ class ReadTables(beam.PTransform):
         work_item_bytes: target compressed size of a Parquet work item.
         row_limits: file index -> read only that many first rows of the file (`--limit`).
         resume: reuse the items staged under `files_dir`.
+        spread: reshuffle the work items so that any worker may read any of them
+            (default); False reads each file's items where the file was planned
+            (benchmarks/scale.py measures what the reshuffle costs).
     """
 
     def __init__(
@@ -244,9 +247,11 @@ class ReadTables(beam.PTransform):
         work_item_bytes: int = DEFAULT_WORK_ITEM_BYTES,
         row_limits: dict[int, int] | None = None,
         resume: bool = False,
+        spread: bool = True,
     ):
         super().__init__()
         self._listing = listing
+        self._spread = spread
         self._rows_per_chunk = rows_per_chunk
         self._plan = _PlanWorkItems(
             files_dir,
@@ -267,10 +272,9 @@ class ReadTables(beam.PTransform):
             | "PlanWorkItems"
             >> beam.ParDo(self._plan).with_outputs("reused", "inputs", main="items")
         )
-        chunks = (
-            planned.items
+        items = planned.items
+        if self._spread:
             # Descriptors only, never rows: one large file spreads over every worker.
-            | "SpreadWorkItems" >> beam.Reshuffle()
-            | "ReadWorkItems" >> beam.ParDo(_ReadWorkItem(self._rows_per_chunk))
-        )
+            items = items | "SpreadWorkItems" >> beam.Reshuffle()
+        chunks = items | "ReadWorkItems" >> beam.ParDo(_ReadWorkItem(self._rows_per_chunk))
         return {"chunks": chunks, "reused": planned.reused, "inputs": planned.inputs}
