@@ -4,6 +4,7 @@ writing, inputs, work items, ReadTables."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as dt
 import decimal
 import gzip
@@ -21,6 +22,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from transforms.chunks import ERRORS_COLUMN, ERRORS_TYPE, Chunk
 from transforms.io import (
     InputError,
     expand_inputs,
@@ -31,6 +33,7 @@ from transforms.io import (
     table_format,
     write_table,
 )
+from transforms.staging import WorkItem, _WriteParts, check_coverage, find_staged_parts
 from transforms.work_items import ReadTables, plan_work_items, write_listing
 
 ROWS = 23
@@ -499,3 +502,58 @@ def test_workers_check_schemas_the_launcher_did_not_read(tmp_path):
     with pytest.raises(Exception, match="disagree on their columns") as raised:
         pipeline.run().wait_until_finish()
     assert odd in str(raised.value)
+
+
+# --- Staging: parts written once, idempotent, coverage checked at publish ---------------------
+
+
+def _item_chunks(item, rows: int, per_chunk: int) -> list:
+    chunks = []
+    for first in range(0, rows, per_chunk):
+        count = min(per_chunk, rows - first)
+        table = pa.table(
+            {"id": list(range(first, first + count)), ERRORS_COLUMN: pa.nulls(count, ERRORS_TYPE)}
+        )
+        end = first + count == rows
+        chunks.append(Chunk(0, "in.parquet", first, first, table, count, item=item, item_end=end))
+    return chunks
+
+
+def _stage(folder, chunks) -> list:
+    writer = _WriteParts(str(folder), chunks[0].table.schema, "parquet")
+    writer.start_bundle()
+    infos = [info for chunk in chunks for info in writer.process(chunk)]
+    return infos + [value.value for value in writer.finish_bundle()]
+
+
+def test_a_rerun_work_item_replaces_its_part_with_the_same_content(tmp_path):
+    item = WorkItem(0, "in.parquet", "a" * 64, 0, 10, (0,))
+    chunks = _item_chunks(item.stem, 10, 4)
+    (first,) = _stage(tmp_path, chunks)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    (again,) = _stage(tmp_path, chunks)  # a retried or speculative duplicate
+
+    assert first == again
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert sorted(before) == [f"{item.stem}.000000000000{s}" for s in (".done.json", ".parquet")]
+    assert find_staged_parts(str(tmp_path), item) == [first]
+    # Another item of the same file (other rows) is not found under this one's name.
+    other = dataclasses.replace(item, first_row=10, rows=5)
+    assert find_staged_parts(str(tmp_path), other) is None
+
+
+def test_an_item_split_over_bundles_still_sorts_and_covers_its_rows(tmp_path):
+    item = WorkItem(0, "in.parquet", "b" * 64, 0, 10, (0,))
+    chunks = _item_chunks(item.stem, 10, 4)
+    parts = _stage(tmp_path, chunks[:1]) + _stage(tmp_path, chunks[1:])  # two bundles
+
+    assert [(p.first, p.rows, p.item_end) for p in parts] == [((0, 0), 4, False), ((0, 4), 6, True)]
+    planned = [{"stem": item.stem, "first_row": 0, "rows": 10}]
+    check_coverage(parts, planned)
+    assert find_staged_parts(str(tmp_path), item) == parts
+    with pytest.raises(RuntimeError, match="missing"):
+        check_coverage(parts[1:], planned)
+    with pytest.raises(RuntimeError, match="written twice"):
+        check_coverage([*parts, parts[1]], planned)
+    with pytest.raises(RuntimeError, match="missing"):
+        check_coverage(parts[:1], planned)
