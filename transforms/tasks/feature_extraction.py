@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -101,6 +102,23 @@ class FeatureExtraction(TaskAdapter):
         """
         resolved = _resolve(self.name, self.params, _read_config(model))
         return {**resolved, "max_seq_length": _max_seq_length(model)}
+
+    def check_model(self, model: str) -> None:
+        """Refuses, when the spec is read, params that contradict a local model's
+        sentence-transformers config (hub models: `resolved_parameters`, before the run).
+
+        Raises:
+            ModelError: as `resolved_parameters`.
+        """
+        from transforms.models import PACKAGE_PREFIX, package_file
+
+        try:
+            path = package_file(model) if model.startswith(PACKAGE_PREFIX) else model
+        except ModelError:
+            return  # resolving the model reports it, beside any other model problem
+        if os.path.isdir(path):
+            local = ResolvedModel(path, requested_revision=None, source="local", revision=None)
+            _resolve(self.name, self.params, _read_config(local))
 
     def load(self, model: ResolvedModel, device: str, dtype: str) -> _EmbeddingRunner:
         from sentence_transformers import SentenceTransformer
