@@ -27,8 +27,16 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipelines.quality_gate import evaluate_gate
 from pipelines.report import REPORT, write_report
-from transforms.io import InputError, write_table
-from transforms.staging import PartInfo, _kill_point, check_coverage, concatenate_files
+from transforms.io import InputError
+from transforms.staging import (
+    PartInfo,
+    _kill_point,
+    check_coverage,
+    concatenate_files,
+    part_file_names,
+    part_sources,
+    place_parts,
+)
 from transforms.summaries import merge_summaries
 
 __all__ = [
@@ -601,41 +609,16 @@ def finalize_run(collected: list[tuple[str, object]], context: RunContext) -> di
     return _publish_remote(parts, context)
 
 
-def _part_sources(parts: list[PartInfo], context: RunContext) -> list[str]:
-    """The staged data files, one per final part file, in input order."""
-    if parts:
-        return [part.path for part in parts]
-    # No rows still gives a readable output with the full schema. It is made in this
-    # run's own staging folder, which publishing moves in or deletes.
-    if not FileSystems.exists(context.staging_dir):
-        FileSystems.mkdirs(context.staging_dir)
-    empty = FileSystems.join(context.staging_dir, f"empty.{context.output_format}")
-    write_table(empty, context.output_schema.empty_table(), context.output_format)
-    return [empty]
-
-
-def _final_names(directory: str, count: int, fmt: str) -> list[str]:
-    return [FileSystems.join(directory, f"part-{i:05d}-of-{count:05d}.{fmt}") for i in range(count)]
-
-
 def _publish_local(parts: list[PartInfo], context: RunContext) -> dict:
     build = context.staging_dir
     os.makedirs(build, exist_ok=True)
-    sources = _part_sources(parts, context)
-    names = _final_names(build, len(sources), context.output_format)
-    for source, name in zip(sources, names, strict=True):
-        if os.path.normpath(os.path.dirname(source)) == os.path.normpath(build):
-            os.replace(source, name)  # made for this run (an empty output): moved in
-            continue
-        try:  # staged results stay until the swap is done, for a resumed run
-            os.link(source, name)
-        except OSError:
-            shutil.copyfile(source, name)
+    sources = part_sources(parts, build, context.output_format, context.output_schema)
+    place_parts(sources, build, context.output_format, scratch=build)
     concatenate_files(
         [part.errors_path for part in parts if part.errors_path],
         os.path.join(build, ERRORS_FILE),
     )
-    final = _final_names(context.output, len(sources), context.output_format)
+    final = part_file_names(context.output, len(sources), context.output_format)
     manifest = _manifest(parts, final, context)
     _add_report(manifest, parts, context, os.path.join(build, REPORT))
     _write_json(os.path.join(build, MANIFEST), manifest)
@@ -665,15 +648,14 @@ def _publish_local(parts: list[PartInfo], context: RunContext) -> dict:
 
 def _publish_remote(parts: list[PartInfo], context: RunContext) -> dict:
     # Best effort: object stores rename object by object.
-    sources = _part_sources(parts, context)
+    sources = part_sources(parts, context.staging_dir, context.output_format, context.output_schema)
     old = _existing_outputs(context.output)
     # From here until the new manifest is written, the output holds part files and no
     # manifest: the marker tells the next run's check_output that they are ours.
     _write_json(FileSystems.join(context.staging_root, _PUBLISHING), {"run": context.run_id})
     if old:
         FileSystems.delete(old)
-    final = _final_names(context.output, len(sources), context.output_format)
-    FileSystems.copy(sources, final)
+    final = place_parts(sources, context.output, context.output_format)
     concatenate_files(
         [part.errors_path for part in parts if part.errors_path],
         FileSystems.join(context.output, ERRORS_FILE),

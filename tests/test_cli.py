@@ -284,6 +284,27 @@ def test_bad_inputs_the_launcher_did_not_read_fail_the_run_on_workers(
         path.unlink()
 
 
+def test_inputs_without_rows_give_one_empty_part_with_the_full_schema(tmp_path, tiny_models):
+    table = pq.read_table(SAMPLE_DATA / "reviews.parquet").slice(0, 0)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    pq.write_table(table, inputs / "a.parquet")
+    pq.write_table(table, inputs / "b.parquet")
+    spec = write_spec(tmp_path / "job.yaml", tiny_models)
+    output = tmp_path / "out"
+    assert main(["--input", str(inputs), "--output", str(output), "--spec", str(spec)]) == 0
+
+    (part,) = output.glob("part-*.parquet")
+    assert part.name == "part-00000-of-00001.parquet"
+    written = pq.read_table(part)
+    assert written.num_rows == 0
+    assert written.column_names[: table.num_columns] == table.column_names
+    assert written.column_names[-1] == "enrich_errors"
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert (manifest["rows"]["in"], manifest["rows"]["out"]) == (0, 0)
+    assert [entry["work_items"] for entry in manifest["inputs"]] == [0, 0]
+
+
 def test_missing_model_directory_exits_2(tmp_path, capsys):
     spec = tmp_path / "job.yaml"
     spec.write_text(

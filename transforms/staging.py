@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import signal
 import uuid
 from collections import Counter
@@ -31,7 +32,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
 from transforms.chunks import Chunk
-from transforms.io import FORMATS, TableWriter, failure_records
+from transforms.io import FORMATS, TableWriter, failure_records, write_table
 
 __all__ = [
     "PartInfo",
@@ -41,6 +42,9 @@ __all__ = [
     "concatenate_files",
     "find_staged_parts",
     "input_key",
+    "part_file_names",
+    "part_sources",
+    "place_parts",
 ]
 
 _MIME = "application/octet-stream"
@@ -355,6 +359,56 @@ def check_coverage(parts: Iterable[PartInfo], items: Iterable[dict]) -> None:
             raise RuntimeError(f"work item {item['stem']}: {gap}; run again")
     if by_item:
         raise RuntimeError(f"parts of unplanned work items {sorted(by_item)}; run again")
+
+
+def part_sources(
+    parts: Sequence[PartInfo], scratch: str, output_format: str, schema: pa.Schema
+) -> list[str]:
+    """The staged data files of the output, in input order (`parts` sorted by `first`).
+
+    No parts (no rows) still give a readable output with the full schema: one empty
+    part, written into `scratch` (the run's own folder, which publishing moves in or
+    deletes).
+    """
+    if parts:
+        return [part.path for part in parts]
+    if not FileSystems.exists(scratch):
+        FileSystems.mkdirs(scratch)
+    empty = FileSystems.join(scratch, f"empty.{output_format}")
+    write_table(empty, schema.empty_table(), output_format)
+    return [empty]
+
+
+def part_file_names(directory: str, count: int, output_format: str) -> list[str]:
+    """`part-NNNNN-of-MMMMM.<fmt>` in `directory`, one per part."""
+    return [
+        FileSystems.join(directory, f"part-{i:05d}-of-{count:05d}.{output_format}")
+        for i in range(count)
+    ]
+
+
+def place_parts(
+    sources: Sequence[str], directory: str, output_format: str, *, scratch: str | None = None
+) -> list[str]:
+    """Puts the staged parts into `directory` under their part names; returns the names.
+
+    Local folders get hard links (the staged parts stay for a later `--resume`; no data
+    is copied), or a copy where links fail; a part made in `scratch` is moved. Object
+    stores cannot link: the parts are copied there.
+    """
+    names = part_file_names(directory, len(sources), output_format)
+    if "://" in directory:
+        FileSystems.copy(list(sources), names)
+        return names
+    for source, name in zip(sources, names, strict=True):
+        if scratch and os.path.normpath(os.path.dirname(source)) == os.path.normpath(scratch):
+            os.replace(source, name)
+            continue
+        try:
+            os.link(source, name)
+        except OSError:
+            shutil.copyfile(source, name)
+    return names
 
 
 def concatenate_files(sources: Sequence[str], destination: str) -> None:
