@@ -468,7 +468,8 @@ def build(pipeline: beam.Pipeline, job: Job) -> None:
         | "GatherParts" >> beam.Flatten()
         # Small records only (a part's description, a file's hash): never rows.
         | "CollectParts" >> beam.combiners.ToList()
-        | "Finalize" >> beam.Map(finalize_run, context)
+        # The input records come from the workers: the graph holds no per-file list.
+        | "Finalize" >> beam.Map(finalize_run, dataclasses.replace(context, inputs=[]))
     )
 
 

@@ -21,6 +21,7 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.transforms import environments
 
 import pipelines.enrich as enrich_cli
+import transforms.io
 from pipelines.enrich import build, main, prepare_job
 from pipelines.spec import load_spec
 from tests.conftest import SAMPLE_DATA, sentiment_ner_spec
@@ -122,6 +123,40 @@ def test_worker_processes_give_the_in_process_result(tmp_path, tiny_models, monk
     manifest = json.loads((tmp_path / "procs" / "manifest.json").read_text())
     assert manifest["options"]["direct_running_mode"] == "multi_processing"
     assert manifest["rows"]["out"] == 40
+
+
+def test_the_launcher_reads_metadata_only_and_the_graph_does_not_grow(
+    tmp_path, tiny_models, monkeypatch
+):
+    """No hash and no row read on the launcher; the file list is data, not a graph literal."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the launcher read input data")
+
+    monkeypatch.setattr(enrich_cli, "iter_tables", refuse)
+    monkeypatch.setattr(transforms.io, "file_sha256", refuse)
+    spec = load_spec(write_spec(tmp_path / "job.yaml", tiny_models))
+    table = pq.read_table(SAMPLE_DATA / "reviews.parquet").slice(0, 3)
+    graphs = {}
+    for count in (3, 70, 200):
+        folder = tmp_path / f"in{count}"
+        folder.mkdir()
+        for i in range(count):
+            pq.write_table(table, folder / f"{i:03d}.parquet")
+        job = prepare_job(spec, [str(folder)], str(tmp_path / f"out{count:03d}"))
+        assert all(entry.keys() == {"path", "size"} for entry in job.context.inputs)
+        # Up to 64 footers before the run (then a sample): the total only when all were read.
+        assert len(job.checked) == min(count, enrich_cli.CHECKED_FILES)
+        assert job.context.rows_total == (3 * count if count <= 64 else None)
+        pipeline = beam.Pipeline()
+        build(pipeline, job)
+        listing = Path(job.context.listing_path).read_text().splitlines()
+        assert [json.loads(line)["index"] for line in listing] == list(range(count))
+        proto = pipeline.to_runner_api()
+        graphs[count] = sum(len(t.spec.payload) for t in proto.components.transforms.values())
+    # Past the launcher's sample, more files leave the job graph the same size (up to
+    # the compressed pickles' noise: run ids differ; 130 more paths would add kilobytes).
+    assert abs(graphs[200] - graphs[70]) < 256
 
 
 def _pardo_dofns(pipeline: beam.Pipeline) -> dict[str, beam.DoFn]:
