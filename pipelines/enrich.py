@@ -396,6 +396,10 @@ def _check_text_type(
 def _describe_task(spec: JobSpec, binding: TaskBinding) -> dict:
     task = next(t for t in spec.tasks if t.name == binding.name)
     model = binding.model
+    try:  # what the model's own files decide (an embedding model's pooling, …)
+        resolved = binding.adapter.resolved_parameters(model)
+    except ValueError as err:
+        raise ModelError(f"task {task.name!r}: {err}") from err
     return {
         "name": task.name,
         "task": task.task,
@@ -408,7 +412,7 @@ def _describe_task(spec: JobSpec, binding: TaskBinding) -> dict:
         "inference_timeout_s": binding.inference_timeout_s,
         "input_columns": binding.adapter.read_columns(),
         "on_long_input": task.on_long_input,
-        "parameters": task.params.model_dump(mode="json"),
+        "parameters": {**task.params.model_dump(mode="json"), **resolved},
         "device": task.device,
         "dtype": task.dtype,
         "batching": {

@@ -108,7 +108,9 @@ def test_parquet_end_to_end(tmp_path, tiny_models):
         assert task["resolved_revision"].startswith("sha256:")
         assert task["devices_used"] == ["cpu/fp32"]
         assert task["succeeded"] + task["failed"] == task["rows"] == 71
+    # The pooling the model used, resolved from its files, is recorded beside the params.
     assert manifest["tasks"][2]["parameters"]["normalize"] is True
+    assert manifest["tasks"][2]["parameters"]["pooling"] == "mean"
     assert {"python", "apache-beam", "transformers", "torch", "pyarrow"} <= manifest[
         "versions"
     ].keys()
