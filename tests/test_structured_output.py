@@ -153,3 +153,21 @@ def test_output_cut_by_max_new_tokens_fails_its_row_with_the_reason():
     for output in outputs:
         assert isinstance(output, InvalidOutput)
         assert "cut by max_new_tokens (4)" in str(output)
+
+
+def test_the_main_job_validates_and_a_prompt_column_the_input_lacks_exits_2(tmp_path, capsys):
+    import yaml
+
+    from pipelines.enrich import main
+    from tests.conftest import SAMPLE_DATA
+
+    source = str(SAMPLE_DATA / "reviews.csv")
+    spec = SAMPLE_DATA / "job-main.yaml"
+    assert main(["validate", "--spec", str(spec), "--input", source]) == 0
+    data = yaml.safe_load(spec.read_text(encoding="utf-8"))
+    data["tasks"][1]["params"]["prompt"] = "Text: {body}"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data), encoding="utf-8")
+    capsys.readouterr()
+    assert main(["validate", "--spec", str(bad), "--input", source]) == 2
+    assert "column 'body'" in capsys.readouterr().err
