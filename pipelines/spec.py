@@ -32,6 +32,7 @@ from pydantic import (
 )
 
 from transforms.chunks import ERRORS_COLUMN
+from transforms.errors import JobError
 from transforms.models import DTYPES
 from transforms.tasks import (
     ADAPTERS,
@@ -58,7 +59,7 @@ _FailedRows = Annotated[StrictInt, Field(ge=0)]
 _FailedFraction = Annotated[StrictFloat, Field(ge=0, le=1, allow_inf_nan=False)]
 
 
-class SpecError(ValueError):
+class SpecError(JobError):
     """A job spec that cannot run; the message names each bad key's path."""
 
 

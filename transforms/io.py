@@ -24,6 +24,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.chunks import ERRORS_COLUMN, Chunk
+from transforms.errors import JobError
 
 __all__ = [
     "FORMATS",
@@ -49,7 +50,7 @@ _MIME = "application/octet-stream"
 _CODECS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd"}
 
 
-class InputError(ValueError):
+class InputError(JobError):
     """An input that cannot be read as a table: no match, unknown format, bad header."""
 
 

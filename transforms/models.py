@@ -18,6 +18,8 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+from transforms.errors import JobError
+
 __all__ = [
     "DTYPES",
     "ModelError",
@@ -40,7 +42,7 @@ DTYPES = ("auto", "fp32", "fp16", "bf16", "int8")
 _LOG = logging.getLogger(__name__)
 
 
-class ModelError(ValueError):
+class ModelError(JobError):
     """A model that cannot be found, resolved or placed as asked."""
 
 
