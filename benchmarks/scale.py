@@ -80,7 +80,8 @@ def _probe_launcher(spec: str, workdir: str, *inputs: str) -> None:
     """In a fresh process: rchar and seconds of prepare_job + build per input."""
     import apache_beam as beam
 
-    from pipelines.enrich import build, prepare_job
+    from pipelines.enrich import build
+    from pipelines.job import prepare_job
     from pipelines.spec import load_spec
 
     job_spec = load_spec(spec)

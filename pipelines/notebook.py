@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from pipelines.enrich import bind_tasks
+from pipelines.job import bind_tasks
 from pipelines.spec import JobSpec, SpecError, load_spec, parse_spec
 from transforms.enrich import LoadedModel, TaskBinding, apply_task, load_task
 from transforms.io import InputError

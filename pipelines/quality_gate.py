@@ -8,7 +8,8 @@ publishes its complete output and manifest, so the bad rows can be looked at.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from pipelines.spec import JobSpec
@@ -17,6 +18,14 @@ __all__ = ["LIMITS", "QualityGateError", "check_gate", "evaluate_gate", "gate_li
 
 #: The limits, as named in the spec, on the command line and in the manifest.
 LIMITS = ("max_failed_rows", "max_failed_fraction")
+
+
+class TaskCount(Protocol):
+    """What the gate reads of a task: the manifest's `TaskRecord` has it."""
+
+    name: str
+    rows: int
+    failed: int
 
 
 class QualityGateError(Exception):
@@ -70,12 +79,12 @@ def gate_limits(
     return {"command_line": command_line, "tasks": tasks}
 
 
-def evaluate_gate(limits: dict, tasks: list[dict]) -> dict:
+def evaluate_gate(limits: dict, tasks: Sequence[TaskCount]) -> dict:
     """The gate's record for the manifest, from `gate_limits` and the per-task counts.
 
     Args:
         limits: what `gate_limits` returned.
-        tasks: the manifest's tasks, each with `name`, `rows` and `failed`.
+        tasks: the manifest's tasks (`name`, `rows` and `failed` are read).
 
     Returns:
         {"limits", "command_line", "passed", "exceeded"}: `exceeded` lists each limit a
@@ -83,8 +92,8 @@ def evaluate_gate(limits: dict, tasks: list[dict]) -> dict:
     """
     exceeded = []
     for task in tasks:
-        allowed = limits.get("tasks", {}).get(task["name"], {})
-        rows, failed = task["rows"], task["failed"]
+        allowed = limits.get("tasks", {}).get(task.name, {})
+        rows, failed = task.rows, task.failed
         fraction = failed / rows if rows else 0.0
         crossed = {
             "max_failed_rows": failed,
@@ -94,7 +103,7 @@ def evaluate_gate(limits: dict, tasks: list[dict]) -> dict:
             if allowed.get(limit) is not None and crossed[limit] > allowed[limit]:
                 exceeded.append(
                     {
-                        "task": task["name"],
+                        "task": task.name,
                         "rows": rows,
                         "failed": failed,
                         "failed_fraction": round(fraction, 6),
@@ -110,19 +119,23 @@ def evaluate_gate(limits: dict, tasks: list[dict]) -> dict:
     }
 
 
-def check_gate(manifest: dict) -> None:
+def check_gate(recorded: dict, tasks: Sequence[TaskCount], output: str) -> None:
     """Evaluates the gate on a published run's manifest, from its per-task counts.
+
+    Args:
+        recorded: the manifest's `quality_gate` record.
+        tasks: the manifest's tasks.
+        output: the output folder, for the message.
 
     Raises:
         QualityGateError: a task failed more rows than its limits allow.
     """
-    recorded: dict[str, Any] = manifest.get("quality_gate") or {}
     gate = evaluate_gate(
         {"tasks": recorded.get("limits", {}), "command_line": recorded.get("command_line", {})},
-        manifest["tasks"],
+        tasks,
     )
     if not gate["passed"]:
-        raise QualityGateError(gate, manifest["output"]["path"])
+        raise QualityGateError(gate, output)
 
 
 def _describe(entries: list[dict]) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipelines.enrich import main
+from pipelines.cli import main
 from tests.conftest import REPO, SAMPLE_DATA
 from transforms.staging import input_key
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.enrich import main
+from pipelines.cli import main
 from tests.conftest import SAMPLE_DATA, sentiment_ner_spec
 
 MANIFEST_KEYS = {
@@ -261,9 +261,9 @@ def test_bad_inputs_the_launcher_did_not_read_fail_the_run_on_workers(
 ):
     """Past the launcher's sample, workers check each file as they plan it: a corrupt
     footer or other columns fail the run with exit 2, the file named, nothing published."""
-    import pipelines.enrich
+    import pipelines.job
 
-    monkeypatch.setattr(pipelines.enrich, "CHECKED_FILES", 2)
+    monkeypatch.setattr(pipelines.job, "CHECKED_FILES", 2)
     table = pq.read_table(SAMPLE_DATA / "reviews.parquet").slice(0, 4)
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -406,7 +406,7 @@ def test_one_model_per_machine_gives_the_same_output(tmp_path, tiny_models):
 def test_local_workers_get_their_share_of_the_cores():
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from pipelines.enrich import _cpu_threads_per_process
+    from pipelines.job import _cpu_threads_per_process
 
     cores = os.cpu_count()
     two = PipelineOptions(["--direct_running_mode=multi_processing", "--direct_num_workers=2"])

@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipelines.enrich import main, prepare_job
+from pipelines.cli import main
+from pipelines.job import prepare_job
 from pipelines.spec import parse_spec
 from tests.conftest import REPO, SAMPLE_DATA, fake_hub_cache
 from transforms.models import resolve_model
@@ -149,7 +150,7 @@ def test_spec_schema_lists_every_task_and_its_params(tmp_path, capsys):
 
 def test_sample_specs_validate_against_the_schema():
     jsonschema = pytest.importorskip("jsonschema")
-    from pipelines.enrich import job_spec_schema
+    from pipelines.cli import job_spec_schema
 
     validator = jsonschema.Draft202012Validator(job_spec_schema())
     validator.check_schema(validator.schema)

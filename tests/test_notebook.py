@@ -11,7 +11,7 @@ import pytest
 
 import pipelines.notebook
 from pipelines import clear_model_cache, enrich_dataframe, enrich_table
-from pipelines.enrich import main
+from pipelines.cli import main
 from pipelines.spec import SpecError
 from tests.conftest import SAMPLE_DATA, sentiment_ner_spec
 from transforms.io import InputError

@@ -19,9 +19,10 @@ import pytest
 from apache_beam.io.filesystem import FileMetadata, FileSystem
 
 import pipelines.enrich
-import pipelines.manifest
-from pipelines.enrich import main
-from pipelines.manifest import check_output, lock_output
+import pipelines.job
+import pipelines.output
+from pipelines.cli import main
+from pipelines.output import check_output, lock_output
 from tests.conftest import SAMPLE_DATA
 from transforms.io import InputError
 
@@ -64,7 +65,7 @@ def no_models(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was resolved before the output was checked")
 
-    monkeypatch.setattr(pipelines.enrich, "resolve_model", refuse)
+    monkeypatch.setattr(pipelines.job, "resolve_model", refuse)
 
 
 def test_folder_holding_the_input_and_a_foreign_manifest_is_refused_and_kept(
@@ -160,7 +161,7 @@ def test_bad_output_location_exits_2_before_models_load(
         # Tests may run as root, whom permissions do not stop: the check asks os.access.
         real_access = os.access
         monkeypatch.setattr(
-            pipelines.manifest.os,
+            pipelines.output.os,
             "access",
             lambda path, mode: not str(path).endswith("locked") and real_access(path, mode),
         )
@@ -212,7 +213,7 @@ def test_ctrl_c_in_the_swap_exits_130_and_keeps_the_previous_output(
         if name == "swapping":  # the previous output is moved aside at this point
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipelines.manifest, "_kill_point", interrupt)
+    monkeypatch.setattr(pipelines.output, "_kill_point", interrupt)
     args = ["--input", str(INPUT), "--output", str(output), "--spec", str(spec), "--limit", "4"]
     assert main([*args, "--quiet"]) == 130
     err = capsys.readouterr().err
@@ -376,7 +377,7 @@ def test_object_store_publish_cut_short_is_replaced_by_the_next_run(
 
     # The old output is deleted and the new parts copied; then the publish fails.
     with monkeypatch.context() as patch:
-        patch.setattr(pipelines.manifest, "concatenate_files", fail)
+        patch.setattr(pipelines.output, "concatenate_files", fail)
         assert main([*args, "--quiet"]) == 1
     assert (
         capsys.readouterr()

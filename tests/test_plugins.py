@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.enrich import main
+from pipelines.cli import main
 from pipelines.spec import JobSpec, SpecError, parse_spec
 from tests.plugins.toxicity_spans import ToxicitySpans, ToxicitySpansParams
 from transforms.tasks import PLUGIN_GROUP, adapter_for, installed_plugins

@@ -15,7 +15,9 @@ import pyarrow.parquet as pq
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-from pipelines.enrich import _rows_to_enrich, main, run
+from pipelines.cli import main
+from pipelines.enrich import run
+from pipelines.job import _rows_to_enrich
 from pipelines.progress import ProgressMonitor, show_progress
 from tests.conftest import SAMPLE_DATA
 from transforms.batching import plan_batches

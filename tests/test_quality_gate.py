@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import types
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.enrich import job_spec_schema, main
+from pipelines.cli import job_spec_schema, main
 from pipelines.quality_gate import evaluate_gate, gate_limits
 from pipelines.spec import SpecError, parse_spec
 
@@ -37,9 +38,9 @@ def test_a_tasks_own_limit_wins_then_the_command_line_then_the_spec():
 def test_the_gate_fails_only_above_a_limit():
     limits = {"tasks": {"a": _limits(1, None), "b": _limits(None, 0.25), "c": _limits(0, 0.0)}}
     counts = [
-        {"name": "a", "rows": 8, "failed": 1},  # at the limit: passes
-        {"name": "b", "rows": 8, "failed": 3},  # 0.375 > 0.25
-        {"name": "c", "rows": 0, "failed": 0},  # no rows: nothing failed
+        types.SimpleNamespace(name="a", rows=8, failed=1),  # at the limit: passes
+        types.SimpleNamespace(name="b", rows=8, failed=3),  # 0.375 > 0.25
+        types.SimpleNamespace(name="c", rows=0, failed=0),  # no rows: nothing failed
     ]
     gate = evaluate_gate(limits, counts)
     assert not gate["passed"]
@@ -53,7 +54,7 @@ def test_the_gate_fails_only_above_a_limit():
             "allowed": 0.25,
         }
     ]
-    counts[1]["failed"] = 2
+    counts[1].failed = 2
     assert evaluate_gate(limits, counts) == {
         "limits": limits["tasks"],
         "command_line": {},

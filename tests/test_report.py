@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import manifest as manifest_module
-from pipelines.enrich import main
+from pipelines import output as output_module
+from pipelines.cli import main
 from pipelines.report import REPORT, render_report, summarize_output
 from tests.conftest import SAMPLE_DATA
 from transforms.io import write_table
@@ -216,15 +217,17 @@ def test_a_report_error_never_fails_the_run(monkeypatch, tmp_path, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("chart library missing")
 
-    monkeypatch.setattr(manifest_module, "merge_summaries", broken)
-    manifest = {"output": {}, "tasks": [{"name": "sentiment"}]}
+    monkeypatch.setattr(output_module, "merge_summaries", broken)
+    manifest = manifest_module.Manifest.model_construct(
+        output=manifest_module.OutputRecord.model_construct(report="was set"), tasks=[]
+    )
     context = types.SimpleNamespace(
         output=str(tmp_path), tasks=[], output_schema=pa.schema([]), output_format="parquet"
     )
     path = tmp_path / REPORT
     with caplog.at_level(logging.ERROR):
-        manifest_module._add_report(manifest, [], context, str(path))
-    assert manifest["output"]["report"] is None
+        manifest = output_module._add_report(manifest, [], context, str(tmp_path))
+    assert manifest.output.report is None
     assert not path.exists()
     assert "report could not be made" in caplog.text
 

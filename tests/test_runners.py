@@ -21,8 +21,11 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.transforms import environments
 
 import pipelines.enrich as enrich_cli
+import pipelines.job
 import transforms.io
-from pipelines.enrich import build, main, prepare_job
+from pipelines.cli import main
+from pipelines.enrich import build
+from pipelines.job import prepare_job
 from pipelines.spec import load_spec
 from tests.conftest import SAMPLE_DATA, sentiment_ner_spec
 from transforms.chunks import Chunk
@@ -133,7 +136,7 @@ def test_the_launcher_reads_metadata_only_and_the_graph_does_not_grow(
     def refuse(*args, **kwargs):
         raise AssertionError("the launcher read input data")
 
-    monkeypatch.setattr(enrich_cli, "iter_tables", refuse)
+    monkeypatch.setattr(pipelines.job, "iter_tables", refuse)
     monkeypatch.setattr(transforms.io, "file_sha256", refuse)
     spec = load_spec(write_spec(tmp_path / "job.yaml", tiny_models))
     table = pq.read_table(SAMPLE_DATA / "reviews.parquet").slice(0, 3)
@@ -144,9 +147,9 @@ def test_the_launcher_reads_metadata_only_and_the_graph_does_not_grow(
         for i in range(count):
             pq.write_table(table, folder / f"{i:03d}.parquet")
         job = prepare_job(spec, [str(folder)], str(tmp_path / f"out{count:03d}"))
-        assert all(entry.keys() == {"path", "size"} for entry in job.context.inputs)
+        assert all(len(entry) == 2 for entry in job.context.inputs)  # (path, size) only
         # Up to 64 footers before the run (then a sample): the total only when all were read.
-        assert len(job.checked) == min(count, enrich_cli.CHECKED_FILES)
+        assert len(job.checked) == min(count, pipelines.job.CHECKED_FILES)
         assert job.context.rows_total == (3 * count if count <= 64 else None)
         pipeline = beam.Pipeline()
         build(pipeline, job)

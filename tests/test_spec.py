@@ -11,7 +11,7 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from pipelines.enrich import main
+from pipelines.cli import main
 from pipelines.spec import JobSpec, SpecError, load_spec, parse_spec
 from transforms.tasks import ADAPTERS
 from transforms.tasks.feature_extraction import FeatureExtractionParams

@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.enrich import bind_tasks, main
+from pipelines.cli import main
+from pipelines.job import bind_tasks
 from pipelines.spec import SpecError, load_spec, parse_spec
 from transforms.io import InputError
 

@@ -158,7 +158,7 @@ def test_output_cut_by_max_new_tokens_fails_its_row_with_the_reason():
 def test_the_main_job_validates_and_a_prompt_column_the_input_lacks_exits_2(tmp_path, capsys):
     import yaml
 
-    from pipelines.enrich import main
+    from pipelines.cli import main
     from tests.conftest import SAMPLE_DATA
 
     source = str(SAMPLE_DATA / "reviews.csv")

@@ -13,7 +13,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.enrich import main
+from pipelines.cli import main
 from transforms.chunks import ERRORS_COLUMN, ERRORS_TYPE, Chunk
 from transforms.io import (
     InputError,

@@ -18,7 +18,7 @@ import torch
 from pydantic import ValidationError
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
-from pipelines.enrich import main
+from pipelines.cli import main
 from pipelines.spec import parse_spec
 from transforms.enrich import run_task
 from transforms.models import resolve_model

@@ -16,7 +16,7 @@ import torch
 from pydantic import ValidationError
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-from pipelines.enrich import main
+from pipelines.cli import main
 from pipelines.spec import parse_spec
 from transforms.enrich import run_task
 from transforms.models import resolve_model

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import pipeline
 
-from pipelines.enrich import main
+from pipelines.cli import main
 from pipelines.spec import SpecError, parse_spec
 from pipelines.test_models import SENTIMENT_LABELS, TOXICITY_LABELS
 from tests.conftest import SAMPLE_DATA

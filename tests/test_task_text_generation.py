@@ -13,7 +13,7 @@ import torch
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-from pipelines.enrich import main
+from pipelines.cli import main
 from pipelines.spec import SpecError, parse_spec
 from transforms.batching import plan_batches
 from transforms.enrich import run_task

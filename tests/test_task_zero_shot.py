@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import pipeline
 
-from pipelines.enrich import main
+from pipelines.cli import main
 from pipelines.spec import SpecError, parse_spec
 from tests.conftest import SAMPLE_DATA
 from transforms.enrich import run_task

@@ -6,7 +6,7 @@ import dataclasses
 
 import pyarrow as pa
 
-__all__ = ["ERRORS_COLUMN", "ERRORS_TYPE", "Chunk", "TaskStats"]
+__all__ = ["ERRORS_COLUMN", "ERRORS_TYPE", "Chunk", "TaskCounts", "TaskStats"]
 
 #: Per-row failures, added to every output: one entry per failed task.
 ERRORS_COLUMN = "enrich_errors"
@@ -14,8 +14,28 @@ ERRORS_TYPE = pa.list_(pa.struct([pa.field("task", pa.string()), pa.field("error
 
 
 @dataclasses.dataclass(frozen=True)
+class TaskCounts:
+    """What one task did to some rows; `+` sums them over chunks, parts and a run."""
+
+    rows: int = 0
+    failed: int = 0
+    truncated: int = 0
+    seconds: float = 0.0
+
+    def __add__(self, other: TaskCounts) -> TaskCounts:
+        if not isinstance(other, TaskCounts):
+            return NotImplemented
+        return TaskCounts(
+            self.rows + other.rows,
+            self.failed + other.failed,
+            self.truncated + other.truncated,
+            self.seconds + other.seconds,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class TaskStats:
-    """What one task did to one chunk; summed per task for the manifest."""
+    """What one task did to one chunk, and where it ran; summed per task for the manifest."""
 
     task: str
     rows: int
@@ -24,6 +44,11 @@ class TaskStats:
     seconds: float
     device: str
     dtype: str
+
+    @property
+    def counts(self) -> TaskCounts:
+        """The counts alone, to add up."""
+        return TaskCounts(self.rows, self.failed, self.truncated, self.seconds)
 
 
 @dataclasses.dataclass(frozen=True)

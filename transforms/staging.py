@@ -10,7 +10,7 @@ A run's results are staged beside its output, under `files/<fingerprint>/`:
 a resumed run of the same job (same fingerprint folder) finds a finished item by name,
 even inside one large file. Each file is written once under a temporary name and
 renamed into place: a retried or speculative duplicate replaces the same name with the
-same content. Publishing (`pipelines.manifest.finalize_run`) only links or renames
+same content. Publishing (`pipelines.output.finalize_run`) only links or renames
 these parts into `part-NNNNN-of-MMMMM.<fmt>`, in the order `PartInfo.first` gives.
 """
 
@@ -31,7 +31,7 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
-from transforms.chunks import Chunk
+from transforms.chunks import Chunk, TaskCounts
 from transforms.io import FORMATS, TableWriter, failure_records, write_table
 
 __all__ = [
@@ -105,7 +105,7 @@ class PartInfo:
         rows: rows written.
         rows_read: rows read from the inputs, as the reader counted them.
         failed: failed rows per task.
-        stats: task name -> (rows, failed, truncated, seconds), summed over chunks.
+        stats: task name -> its counts, summed over the part's chunks.
         devices: task name -> sorted "device/dtype" strings the workers used.
         item: the stem of the work item the part belongs to.
         item_end: the part holds the item's last rows.
@@ -119,7 +119,7 @@ class PartInfo:
     rows: int
     rows_read: int
     failed: dict[str, int]
-    stats: dict[str, tuple[int, int, int, float]]
+    stats: dict[str, TaskCounts]
     devices: dict[str, list[str]]
     item: str = ""
     item_end: bool = True
@@ -134,7 +134,11 @@ class PartInfo:
         """The part written by `to_json`."""
         data = json.loads(text)
         data["first"] = tuple(data["first"])
-        data["stats"] = {task: tuple(v) for task, v in data["stats"].items()}
+        # Markers staged before the counts were a record hold [rows, failed, truncated, s].
+        data["stats"] = {
+            task: TaskCounts(**v) if isinstance(v, dict) else TaskCounts(*v)
+            for task, v in data["stats"].items()
+        }
         return cls(**data)
 
 
@@ -155,7 +159,7 @@ class _StagedPart:
         self.next_row = chunk.first_row
         self._rows = self._rows_read = 0
         self._failed: Counter = Counter()
-        self._stats: dict[str, list] = {}
+        self._stats: dict[str, TaskCounts] = {}
         self._devices: dict[str, set] = {}
         self._summarizer = summarizer
         self._item, self._ended = chunk.item, False
@@ -183,11 +187,7 @@ class _StagedPart:
             self._errors.write(lines.encode("utf-8"))
             self._failed.update(r["task"] for r in records)
         for s in chunk.stats:
-            totals = self._stats.setdefault(s.task, [0, 0, 0, 0.0])
-            totals[0] += s.rows
-            totals[1] += s.failed
-            totals[2] += s.truncated
-            totals[3] += s.seconds
+            self._stats[s.task] = self._stats.get(s.task, TaskCounts()) + s.counts
             self._devices.setdefault(s.task, set()).add(f"{s.device}/{s.dtype}")
 
     def _flush(self) -> None:
@@ -214,7 +214,7 @@ class _StagedPart:
             rows=self._rows,
             rows_read=self._rows_read,
             failed=dict(self._failed),
-            stats={task: tuple(v) for task, v in self._stats.items()},
+            stats=dict(self._stats),
             devices={task: sorted(v) for task, v in self._devices.items()},
             item=self._item,
             item_end=self._ended,
@@ -426,7 +426,7 @@ _KILL_COUNTS: Counter = Counter()
 def _kill_point(name: str) -> None:
     # Crash-test hook: `BEAM_ENRICH_KILL_AT=<name>:<n>` SIGKILLs this process the n-th
     # time it reaches `name` (`staged`: a part is staged; `assembled`, `swapping`: see
-    # `pipelines.manifest.finalize_run`). Unset (always, outside tests), it does nothing.
+    # `pipelines.output.finalize_run`). Unset (always, outside tests), it does nothing.
     wanted = os.environ.get("BEAM_ENRICH_KILL_AT")
     if not wanted:
         return
