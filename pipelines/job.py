@@ -387,6 +387,7 @@ def _describe_task(spec: JobSpec, binding: TaskBinding) -> TaskDescription:
         model_source=model.source,
         requested_revision=model.requested_revision,
         resolved_revision=model.resolved,
+        gguf_file=model.gguf_file,
         trust_remote_code=model.trust_remote_code,
         allow_pickle_weights=model.allow_pickle_weights,
         inference_timeout_s=binding.inference_timeout_s,

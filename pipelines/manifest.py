@@ -124,6 +124,8 @@ class TaskDescription(_Record):
     model_source: str
     requested_revision: str | None
     resolved_revision: str
+    #: The GGUF file loaded from the `model` folder (its sha256 is `resolved_revision`).
+    gguf_file: str | None = None
     trust_remote_code: bool
     allow_pickle_weights: bool
     inference_timeout_s: float | None

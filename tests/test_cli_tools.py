@@ -268,3 +268,36 @@ def test_download_fetches_the_pinned_commit_and_an_offline_run_uses_it(
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["tasks"][0]["resolved_revision"] == COMMIT
     assert manifest["rows"]["out"] == 5
+
+
+def test_download_keeps_sentence_transformers_module_folders():
+    """Pooling / Dense configs live in sub-folders; ONNX and OpenVINO exports stay behind."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from transforms.models import ResolvedModel, worker_file_patterns
+
+    listing = [
+        "config.json",
+        "model.safetensors",
+        "modules.json",
+        "1_Pooling/config.json",
+        "2_Dense/config.json",
+        "2_Dense/model.safetensors",
+        "pytorch_model.bin",
+        "onnx/config.json",
+        "onnx/model.onnx",
+        "openvino/openvino_model.xml",
+        "tf_model.h5",
+    ]
+    model = ResolvedModel(
+        model="acme/embedder", requested_revision="main", source="hub", revision=COMMIT
+    )
+    wanted = set(filter_repo_objects(listing, **worker_file_patterns(model)))
+    assert wanted == {
+        "config.json",
+        "model.safetensors",
+        "modules.json",
+        "1_Pooling/config.json",
+        "2_Dense/config.json",
+        "2_Dense/model.safetensors",
+    }

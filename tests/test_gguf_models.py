@@ -70,3 +70,19 @@ def test_gguf_files_are_refused_for_tasks_other_than_text_generation(tmp_path):
     spec = {"tasks": [{"name": "s", "task": "sentiment-analysis", "model": "x/model.gguf"}]}
     with pytest.raises(SpecError, match="GGUF files load for text-generation only"):
         parse_spec(spec)
+
+
+def test_the_manifest_names_the_gguf_file_beside_its_folder_and_hash():
+    import pyarrow as pa
+
+    from pipelines.job import _describe_task, bind_tasks
+
+    spec = parse_spec(
+        {"tasks": [{"name": "gen", "task": "text-generation", "model": smollm2.MODEL}]}
+    )
+    bindings, _ = bind_tasks(spec, pa.schema([pa.field("text", pa.string())]))
+    description = _describe_task(spec, bindings[0])
+    resolved = resolve_model(smollm2.MODEL)
+    assert description.model == resolved.model
+    assert description.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert description.resolved_revision == resolved.resolved

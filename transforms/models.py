@@ -467,16 +467,17 @@ def cached_snapshot(model: ResolvedModel) -> ResolvedModel | None:
 def worker_file_patterns(model: ResolvedModel) -> dict[str, list[str]]:
     """`allow_patterns` / `ignore_patterns` for `snapshot_download`: what workers load.
 
-    The repository's top level only (`from_pretrained` reads no subfolder): config and
-    tokenizer files, safetensors weights, pickle weights only if the model allows them,
-    and code only with `trust_remote_code`. ONNX, TF, Flax and GGUF files stay behind.
+    Config and tokenizer files, safetensors weights, pickle weights only if the model
+    allows them, and code only with `trust_remote_code`, at any depth: a
+    sentence-transformers model keeps its modules' files in sub-folders (`1_Pooling/`,
+    `2_Dense/`). ONNX, OpenVINO, TF, Flax and GGUF files stay behind.
     """
     allow = ["*.json", "*.txt", "*.model", "*.safetensors"]
     if model.allow_pickle_weights:
         allow.append("*.bin")
     if model.trust_remote_code:
         allow.append("*.py")
-    return {"allow_patterns": allow, "ignore_patterns": ["*/*"]}
+    return {"allow_patterns": allow, "ignore_patterns": ["onnx/*", "openvino/*"]}
 
 
 def resolve_device(requested: str) -> str:
