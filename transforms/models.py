@@ -467,12 +467,13 @@ def cached_snapshot(model: ResolvedModel) -> ResolvedModel | None:
 def worker_file_patterns(model: ResolvedModel) -> dict[str, list[str]]:
     """`allow_patterns` / `ignore_patterns` for `snapshot_download`: what workers load.
 
-    Config and tokenizer files, safetensors weights, pickle weights only if the model
-    allows them, and code only with `trust_remote_code`, at any depth: a
+    Config, tokenizer and chat-template files, safetensors weights, pickle weights only
+    if the model allows them, and code only with `trust_remote_code`, at any depth: a
     sentence-transformers model keeps its modules' files in sub-folders (`1_Pooling/`,
     `2_Dense/`). ONNX, OpenVINO, TF, Flax and GGUF files stay behind.
     """
-    allow = ["*.json", "*.txt", "*.model", "*.safetensors"]
+    # `*.jinja`: transformers 5 saves a chat template as chat_template.jinja.
+    allow = ["*.json", "*.jinja", "*.txt", "*.model", "*.safetensors"]
     if model.allow_pickle_weights:
         allow.append("*.bin")
     if model.trust_remote_code:

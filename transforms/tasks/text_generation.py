@@ -270,6 +270,34 @@ def _folder_has_chat_template(path: str) -> bool:
         return False
 
 
+def _hub_has_chat_template(model: ResolvedModel) -> bool | None:
+    """Whether a hub model carries a chat template at its pinned commit; None: unknown.
+
+    Reads the cached snapshot when there is one (offline too), else fetches the small
+    tokenizer files only. Unknown (no network, no cache): the worker checks it on load.
+    """
+    from transforms.models import cached_snapshot
+
+    cached = cached_snapshot(model)
+    if cached is not None:
+        return _folder_has_chat_template(cached.model)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
+        try:
+            path = hf_hub_download(model.model, name, revision=model.revision)
+        except LocalEntryNotFoundError:
+            return None  # offline, and not cached
+        except EntryNotFoundError:
+            continue  # the repository has no such file
+        except Exception:
+            return None
+        if name != "tokenizer_config.json" or _folder_has_chat_template(os.path.dirname(path)):
+            return True
+    return False
+
+
 def read_blocklist(path: str) -> tuple[str, ...]:
     """The regular expressions of a blocklist file, one per entry.
 
@@ -347,7 +375,7 @@ class TextGeneration(TaskAdapter):
     def check_model(self, model: str) -> None:
         """Refuses a local model a chat prompt cannot run on: one without a chat template.
 
-        Hub models are checked when their tokenizer loads.
+        Hub models are checked on the launcher by `resolved_parameters`.
 
         Raises:
             ValueError: the model is a local folder or GGUF file without a chat template.
@@ -371,6 +399,21 @@ class TextGeneration(TaskAdapter):
                 f"model {model!r} has no chat template, so chat prompts (system, messages, "
                 "chat: true) cannot be rendered; use a plain `prompt` or an instruct model"
             )
+
+    def resolved_parameters(self, model: ResolvedModel) -> dict[str, Any]:
+        """Checks a hub model's chat template on the launcher, before any row is read.
+
+        Raises:
+            ValueError: a chat prompt names a hub model without a chat template.
+        """
+        hub_chat = self.messages is not None and model.source == "hub"
+        if hub_chat and _hub_has_chat_template(model) is False:
+            raise ValueError(
+                f"model {model.model!r} has no chat template, so chat prompts (system, "
+                "messages, chat: true) cannot be rendered; use a plain `prompt` or an "
+                "instruct model"
+            )
+        return {}
 
     def chat_columns(self) -> list[str]:
         """The column of each cell a chat prompt pastes in, in the order of its slots."""
