@@ -268,84 +268,26 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number of rows, got {text!r}")
-    return value
+def _number(parse, accept, expected: str):
+    """An argparse `type` that parses a number and refuses it unless `accept(value)`."""
+
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            value = None
+        # NaN and infinities fail `accept` too.
+        if value is None or not (math.isfinite(value) and accept(value)):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return convert
 
 
-def _megabytes(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not value > 0:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"expected a positive size in MB, got {text!r}")
-    return value
-
-
-def _row_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of rows, 0 or more, got {text!r}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value <= 1:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"expected a fraction from 0 to 1, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number of rows, got {text!r}")
-    return value
-
-
-def _megabytes(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not value > 0:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"expected a positive size in MB, got {text!r}")
-    return value
-
-
-def _row_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of rows, 0 or more, got {text!r}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value <= 1:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"expected a fraction from 0 to 1, got {text!r}")
-    return value
+_positive_int = _number(int, lambda n: n >= 1, "a positive number of rows")
+_row_count = _number(int, lambda n: n >= 0, "a number of rows, 0 or more")
+_fraction = _number(float, lambda f: 0 <= f <= 1, "a fraction from 0 to 1")
+_megabytes = _number(float, lambda mb: mb > 0, "a positive size in MB")
 
 
 if __name__ == "__main__":
