@@ -270,6 +270,16 @@ def _folder_has_chat_template(path: str) -> bool:
         return False
 
 
+def _prompt_cell(columns: dict[str, list], field: str, row: int) -> str | InvalidInput:
+    """One cell a prompt pastes in, as text; a null or unreadable cell fails its row."""
+    value = columns[field][row]
+    if value is None:
+        return InvalidInput(f"prompt column {field!r} is null")
+    if isinstance(value, InvalidInput):
+        return InvalidInput(f"prompt column {field!r}: {value}")
+    return value if isinstance(value, str) else str(value)
+
+
 def _hub_has_chat_template(model: ResolvedModel) -> bool | None:
     """Whether a hub model carries a chat template at its pinned commit; None: unknown.
 
@@ -464,12 +474,10 @@ class TextGeneration(TaskAdapter):
         # A chat prompt's cells stay apart: the runner tokenizes them as plain text.
         cells = []
         for field in slots:
-            value = columns[field][row]
-            if value is None:
-                return InvalidInput(f"prompt column {field!r} is null")
-            if isinstance(value, InvalidInput):
-                return InvalidInput(f"prompt column {field!r}: {value}")
-            cells.append(value if isinstance(value, str) else str(value))
+            cell = _prompt_cell(columns, field, row)
+            if isinstance(cell, InvalidInput):
+                return cell
+            cells.append(cell)
         return tuple(cells)
 
     def _render(self, columns: dict[str, list], row: int) -> str | InvalidInput:
@@ -478,12 +486,10 @@ class TextGeneration(TaskAdapter):
         for literal, field in self.template:
             parts.append(literal)
             if field is not None:
-                value = columns[field][row]
-                if value is None:
-                    return InvalidInput(f"prompt column {field!r} is null")
-                if isinstance(value, InvalidInput):
-                    return InvalidInput(f"prompt column {field!r}: {value}")
-                parts.append(value if isinstance(value, str) else str(value))
+                cell = _prompt_cell(columns, field, row)
+                if isinstance(cell, InvalidInput):
+                    return cell
+                parts.append(cell)
         return "".join(parts)
 
     def load(self, model: ResolvedModel, device: str, dtype: str) -> _TextGenerationRunner:
