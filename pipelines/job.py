@@ -27,8 +27,9 @@ from pipelines.manifest import (
 )
 from pipelines.quality_gate import gate_limits
 from pipelines.spec import JobSpec
+from transforms.batching import DEFAULT_MAX_BATCH_TOKENS
 from transforms.chunks import ERRORS_COLUMN, ERRORS_TYPE
-from transforms.enrich import DEFAULT_MAX_BATCH_TOKENS, TaskBinding
+from transforms.enrich import TaskBinding
 from transforms.io import (
     InputError,
     check_output_schema,

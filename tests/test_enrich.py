@@ -9,7 +9,7 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.utils import shared
 
-from transforms.batching import plan_batches
+from transforms.batching import max_batch_tokens_for, plan_batches
 from transforms.chunks import ERRORS_COLUMN, ERRORS_TYPE, Chunk
 from transforms.enrich import (
     BatchLimit,
@@ -17,7 +17,6 @@ from transforms.enrich import (
     TaskBinding,
     _EnrichDoFn,
     add_task_columns,
-    max_batch_tokens_for,
     run_task,
 )
 from transforms.models import resolve_model

@@ -16,7 +16,7 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.utils import shared
 
-from transforms.batching import plan_batches
+from transforms.batching import max_batch_tokens_for, plan_batches
 from transforms.chunks import ERRORS_COLUMN, ERRORS_TYPE, Chunk, TaskStats
 from transforms.models import (
     ResolvedModel,
@@ -47,20 +47,6 @@ METRICS_NAMESPACE = "beam_enrich"
 
 #: `on_batch(rows, padded_tokens)`: called once per planned micro-batch of `run_task`.
 BatchCallback = Callable[[int, int], None]
-
-
-#: Padded tokens per micro-batch when the spec sets none. On CPU, large padded batches
-#: run slower per row (measured: all-MiniLM-L6-v2 on 2 cores did 110 rows/s at 1024 and
-#: 2048 tokens, 86 at 8192, 66 at 16384); a GPU needs large batches to be kept busy.
-DEFAULT_MAX_BATCH_TOKENS = {"cpu": 2048, "cuda": 8192}
-
-
-def max_batch_tokens_for(requested: int | None, device: str, factor: int = 1) -> int:
-    """The micro-batch budget: the spec's, else the default for the device's kind times
-    the task family's `batch_tokens_factor`."""
-    if requested is not None:
-        return requested
-    return DEFAULT_MAX_BATCH_TOKENS["cpu" if device == "cpu" else "cuda"] * factor
 
 
 @dataclasses.dataclass(frozen=True)
