@@ -1,7 +1,7 @@
 """Instruct-model throughput: SmolLM2-135M-Instruct, chat prompt + JSON Schema, on the CPU.
 
 One run, the same rows, model and constraint for every method, greedy:
-  beam-enrich: the task's runner as the pipeline drives it (`transforms.enrich.run_task`:
+  beam-enrich: the task's runner as the pipeline drives it (`transforms.inference.run_task`:
                chat rendering, length-sorted token-budget micro-batches, constrained
                `generate`, typed struct output);
   bare:        the chat template tokenized per row, length-sorted batches of 16, one
@@ -93,7 +93,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from transforms.enrich import run_task
+    from transforms.inference import run_task
     from transforms.models import resolve_model
     from transforms.tasks.text_generation import TextGeneration, TextGenerationParams
 

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from pipelines.job import bind_tasks
 from pipelines.spec import JobSpec, SpecError, load_spec, parse_spec
-from transforms.enrich import LoadedModel, TaskBinding, apply_task, load_task
+from transforms.inference import LoadedModel, TaskBinding, apply_task, load_task
 from transforms.io import InputError
 
 if TYPE_CHECKING:

@@ -19,7 +19,7 @@ from huggingface_hub import constants
 
 from pipelines.report import summarize_output
 from tests.conftest import REPO, fake_hub_cache
-from transforms.enrich import TaskBinding, load_task
+from transforms.inference import TaskBinding, load_task
 from transforms.models import ModelError, resolve_model, retry_transient
 from transforms.tasks.text_classification import TextClassification, TextClassificationParams
 

@@ -11,14 +11,8 @@ from apache_beam.utils import shared
 
 from transforms.batching import max_batch_tokens_for, plan_batches
 from transforms.chunks import ERRORS_COLUMN, ERRORS_TYPE, Chunk
-from transforms.enrich import (
-    BatchLimit,
-    EnrichTables,
-    TaskBinding,
-    _EnrichDoFn,
-    add_task_columns,
-    run_task,
-)
+from transforms.enrich import EnrichTables, _EnrichDoFn
+from transforms.inference import BatchLimit, TaskBinding, add_task_columns, run_task
 from transforms.models import resolve_model
 from transforms.tasks.base import check_text
 from transforms.tasks.text_classification import TextClassification, TextClassificationParams

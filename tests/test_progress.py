@@ -22,14 +22,8 @@ from pipelines.progress import ProgressMonitor, show_progress
 from tests.conftest import SAMPLE_DATA
 from transforms.batching import plan_batches
 from transforms.chunks import Chunk
-from transforms.enrich import (
-    METRICS_NAMESPACE,
-    EnrichTables,
-    TaskBinding,
-    apply_task,
-    load_task,
-    run_task,
-)
+from transforms.enrich import METRICS_NAMESPACE, EnrichTables
+from transforms.inference import TaskBinding, apply_task, load_task, run_task
 from transforms.models import resolve_model
 from transforms.progress import ProgressWriter, TaskProgress, read_progress
 from transforms.tasks.base import check_text

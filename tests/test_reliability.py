@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipelines.cli import main
-from transforms.enrich import run_task
+from transforms.inference import run_task
 from transforms.models import is_transient, load_kwargs, resolve_model, retry_transient
 from transforms.tasks.base import check_text
 

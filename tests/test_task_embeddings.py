@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from transforms.enrich import run_task
+from transforms.inference import run_task
 from transforms.models import ModelError, resolve_model
 from transforms.tasks.feature_extraction import FeatureExtraction, FeatureExtractionParams
 

@@ -12,7 +12,7 @@ from transformers import pipeline
 from pipelines.cli import main
 from pipelines.spec import SpecError, parse_spec
 from pipelines.test_models import byte_level_bpe, save
-from transforms.enrich import run_task
+from transforms.inference import run_task
 from transforms.models import resolve_model
 from transforms.tasks.fill_mask import FillMask, FillMaskParams
 

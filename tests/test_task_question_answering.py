@@ -20,7 +20,7 @@ from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
 from pipelines.cli import main
 from pipelines.spec import parse_spec
-from transforms.enrich import run_task
+from transforms.inference import run_task
 from transforms.models import resolve_model
 from transforms.tasks.question_answering import (
     ANSWER_TYPE,

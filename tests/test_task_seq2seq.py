@@ -18,7 +18,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from pipelines.cli import main
 from pipelines.spec import parse_spec
-from transforms.enrich import run_task
+from transforms.inference import run_task
 from transforms.models import resolve_model
 from transforms.tasks import ADAPTERS
 from transforms.tasks.seq2seq import (

@@ -13,7 +13,7 @@ from pipelines.cli import main
 from pipelines.spec import SpecError, parse_spec
 from pipelines.test_models import SENTIMENT_LABELS, TOXICITY_LABELS
 from tests.conftest import SAMPLE_DATA
-from transforms.enrich import run_task
+from transforms.inference import run_task
 from transforms.models import resolve_model
 from transforms.tasks.text_classification import TextClassification, TextClassificationParams
 

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 from pipelines.cli import main
 from pipelines.spec import SpecError, parse_spec
 from transforms.batching import plan_batches
-from transforms.enrich import run_task
+from transforms.inference import run_task
 from transforms.models import resolve_model
 from transforms.tasks.base import InvalidInput
 from transforms.tasks.text_generation import (

@@ -13,7 +13,7 @@ from transformers import pipeline
 from pipelines.cli import main
 from pipelines.spec import SpecError, parse_spec
 from tests.conftest import SAMPLE_DATA
-from transforms.enrich import run_task
+from transforms.inference import run_task
 from transforms.models import resolve_model
 from transforms.tasks.base import InvalidInput, check_text
 from transforms.tasks.zero_shot import ZeroShotClassification, ZeroShotClassificationParams

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import pipeline
 
-from transforms.enrich import run_task
+from transforms.inference import run_task
 from transforms.models import resolve_model
 from transforms.tasks.feature_extraction import FeatureExtraction, FeatureExtractionParams
 from transforms.tasks.text_classification import TextClassification, TextClassificationParams

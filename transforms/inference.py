@@ -1,0 +1,470 @@
+"""The hot path of one task, without Beam: load a model, run a chunk's rows, add columns.
+
+`transforms.enrich` wraps this in a Beam DoFn; benchmarks and machines without
+apache_beam run it directly. Nothing here may import apache_beam.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import pyarrow as pa
+
+from transforms.batching import max_batch_tokens_for, plan_batches
+from transforms.chunks import ERRORS_COLUMN, ERRORS_TYPE, TaskStats
+from transforms.models import (
+    ResolvedModel,
+    cached_snapshot,
+    resolve_device,
+    resolve_dtype,
+    retry_transient,
+)
+from transforms.tasks.base import InvalidInput, Runner, TaskAdapter
+
+__all__ = [
+    "BatchLimit",
+    "LoadedModel",
+    "TaskBinding",
+    "add_task_columns",
+    "apply_task",
+    "load_task",
+    "run_task",
+]
+
+_LOG = logging.getLogger(__name__)
+
+#: `on_batch(rows, padded_tokens)`: called once per planned micro-batch of `run_task`.
+BatchCallback = Callable[[int, int], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskBinding:
+    """Everything a worker needs to run one task: picklable, no model inside.
+
+    Attributes:
+        adapter: the task family's adapter: the task's name, parameters and columns.
+        model: the model pinned to a commit or content hash.
+        device: `auto`, `cpu`, `cuda` or `cuda:N`, decided on the worker.
+        dtype: `auto`, `fp32`, `fp16`, `bf16` or `int8`.
+        max_batch_tokens: the padded size (rows x longest row) of one micro-batch;
+            None: `DEFAULT_MAX_BATCH_TOKENS` for the device the worker uses, times the
+            adapter's `batch_tokens_factor` (2 for text-generation).
+        inference_timeout_s: a micro-batch still running after this many seconds
+            fails its rows with `TimeoutError`; None waits forever.
+        share_model: `process`: one model per SDK process (Beam's `Shared`);
+            `machine`: one per machine, served to every SDK process through Beam's
+            `MultiProcessShared` (one copy per GPU); `auto`: machine on GPU workers.
+        cpu_threads: torch intra-op threads on CPU workers (each process's share of the
+            cores); None leaves torch's default.
+        progress_dir: a local folder where workers publish rows done, for the driver's
+            live progress (see `transforms.progress`); None (remote runners) publishes
+            Beam metrics only.
+    """
+
+    adapter: TaskAdapter
+    model: ResolvedModel
+    device: str = "auto"
+    dtype: str = "auto"
+    max_batch_tokens: int | None = None
+    inference_timeout_s: float | None = None
+    share_model: str = "auto"
+    cpu_threads: int | None = None
+    progress_dir: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.adapter.name
+
+
+class LoadedModel:
+    """A loaded task (see `load_task`) and its batch-size memory.
+
+    Shared by threads or, behind a proxy, by processes, so its interface is methods
+    that take and return plain data (one call per chunk).
+    """
+
+    def __init__(self, runner: Runner, device: str, dtype: str):
+        self.runner = runner
+        self.device = device
+        self.dtype = dtype
+        self.limit = BatchLimit()
+
+    def placement(self) -> tuple[str, str]:
+        return self.device, self.dtype
+
+    def run(self, inputs: list, max_batch_tokens: int, timeout_s: float | None = None):
+        return run_task(self.runner, inputs, max_batch_tokens, self.limit, timeout_s=timeout_s)
+
+    def run_measured(self, inputs: list, max_batch_tokens: int, timeout_s: float | None = None):
+        """`run`, plus (rows, padded tokens) per micro-batch as a fourth item.
+
+        The sizes come back as data, not through a callback, because behind a
+        `MultiProcessShared` proxy this runs in another process.
+        """
+        batches: list[tuple[int, int]] = []
+        results, errors, truncated = run_task(
+            self.runner,
+            inputs,
+            max_batch_tokens,
+            self.limit,
+            timeout_s=timeout_s,
+            on_batch=lambda rows, tokens: batches.append((rows, tokens)),
+        )
+        return results, errors, truncated, batches
+
+
+@dataclasses.dataclass
+class BatchLimit:
+    """The most rows per micro-batch that fit in memory, learned from out-of-memory errors."""
+
+    max_rows: int | None = None
+
+    def shrink(self, rows: int) -> None:
+        half = max(1, rows // 2)
+        self.max_rows = half if self.max_rows is None else min(self.max_rows, half)
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    # torch.OutOfMemoryError (CUDA and other devices) or the host's MemoryError.
+    return isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
+
+
+def _release_cuda_cache() -> None:
+    # After a CUDA out-of-memory error the allocator still holds the failed batch's
+    # blocks; hand them back before the smaller retries. No-op without torch or CUDA.
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+#: Threads of timed micro-batches (`_infer_with_timeout`) still running, and their lock.
+_TIMED_THREADS: set[threading.Thread] = set()
+_TIMED_THREADS_LOCK = threading.Lock()
+#: At interpreter exit, the longest wait for timed-out micro-batches still running.
+_EXIT_WAIT_S = 60.0
+
+
+def _infer_with_timeout(runner: Runner, items: list, timeout_s: float | None) -> list:
+    """`runner.infer(items)`, given up on after `timeout_s` seconds.
+
+    Hand-written: a `concurrent.futures` pool cannot abandon a hung worker (its next
+    batch would queue behind it, and shutdown waits for it), so each timed batch gets
+    its own daemon thread. Python cannot kill a thread: a hung batch's thread runs on,
+    and may keep a core busy, until its call returns; the run goes on without it, and
+    the process waits for it at exit (`_wait_for_timed_out_batches`).
+    """
+    if timeout_s is None:
+        return runner.infer(items)
+    done = threading.Event()
+    outcome: list = []
+
+    def target() -> None:
+        try:
+            outcome.append((True, runner.infer(items)))
+        except BaseException as err:  # handed to the waiting thread, raised there
+            outcome.append((False, err))
+        finally:
+            done.set()
+            with _TIMED_THREADS_LOCK:
+                _TIMED_THREADS.discard(threading.current_thread())
+
+    thread = threading.Thread(target=target, name="beam-enrich-infer", daemon=True)
+    with _TIMED_THREADS_LOCK:
+        _TIMED_THREADS.add(thread)
+    thread.start()
+    if not done.wait(timeout_s):
+        raise TimeoutError(
+            f"inference on a micro-batch of {len(items)} row(s) took longer than "
+            f"inference_timeout_s={timeout_s:g}s"
+        )
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
+
+
+@atexit.register
+def _wait_for_timed_out_batches(timeout_s: float = _EXIT_WAIT_S) -> None:
+    """At exit, waits up to `timeout_s` for micro-batches given up on that still run.
+
+    A daemon thread that comes back from torch once the interpreter is finalizing is
+    ended by `pthread_exit`, and unwinding torch's C++ frames that way aborts the
+    process (`terminate called without an active exception`, exit 134) after a run
+    that succeeded. Exit handlers run before finalization, so waiting here lets such a
+    call return cleanly. A call that never returns is left to end with the process.
+    """
+    with _TIMED_THREADS_LOCK:
+        running = list(_TIMED_THREADS)
+    if not running:
+        return
+    _LOG.info("waiting for %d timed-out micro-batch(es) to end before exiting", len(running))
+    deadline = time.monotonic() + timeout_s
+    for thread in running:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    left = sum(thread.is_alive() for thread in running)
+    if left:
+        _LOG.warning(
+            "%d timed-out micro-batch(es) still running after %gs; exiting without them",
+            left,
+            timeout_s,
+        )
+
+
+def run_task(
+    runner: Runner,
+    inputs: Sequence,
+    max_batch_tokens: int,
+    limit: BatchLimit | None = None,
+    *,
+    timeout_s: float | None = None,
+    on_batch: BatchCallback | None = None,
+) -> tuple[list[tuple | None], list[str | None], int]:
+    """Runs a task over one chunk's row inputs.
+
+    Args:
+        runner: the loaded task.
+        inputs: per row, the task's input from `TaskAdapter.row_inputs`; an
+            `InvalidInput` stands for a row that cannot run.
+        max_batch_tokens: the padded size of one micro-batch.
+        limit: rows per micro-batch known to fit in memory; out-of-memory errors
+            lower it, so later chunks start from the size that worked.
+        timeout_s: a micro-batch still running after this many seconds fails each of
+            its rows with `TimeoutError`, without being split.
+        on_batch: called after each planned micro-batch with its rows and padded tokens
+            (rows x the longest row's cost), whether its rows succeeded or not.
+
+    Rows with invalid input and rows whose inference raises get an error instead of a
+    result; a micro-batch that raises is split in halves until the failing rows are
+    found, so the rows beside them still get their results.
+
+    Returns:
+        (results, errors, truncated): per row, a tuple of field values or None, and an
+        error string (`Type: message`) or None; and how many rows were truncated.
+    """
+    results: list[tuple | None] = [None] * len(inputs)
+    errors: list[str | None] = [
+        _describe(x) if isinstance(x, InvalidInput) else None for x in inputs
+    ]
+    valid = [i for i, error in enumerate(errors) if error is None]
+    items = _prepare(runner, [inputs[i] for i in valid], valid, errors)
+    prepared = []
+    for row, item in zip(valid, items, strict=True):
+        if isinstance(item, InvalidInput):  # prepare may reject a row it cannot run
+            errors[row] = _describe(item)
+        elif item is not None:
+            prepared.append((row, item))
+    limit = limit if limit is not None else BatchLimit()
+    costs = [runner.cost(item) for _, item in prepared]
+    for batch in plan_batches(costs, max_batch_tokens, limit.max_rows):
+        _infer_isolating(runner, [prepared[b] for b in batch], results, errors, limit, timeout_s)
+        if on_batch is not None:
+            on_batch(len(batch), len(batch) * max(max(costs[b] for b in batch), 1))
+    truncated = sum(1 for _, item in prepared if getattr(item, "truncated", False))
+    return results, errors, truncated
+
+
+def _prepare(runner: Runner, inputs: list, rows: list[int], errors: list) -> list:
+    try:
+        return runner.prepare(inputs)
+    except Exception:
+        # One bad row must not fail the chunk: find it by preparing rows one by one.
+        items = []
+        for row, value in zip(rows, inputs, strict=True):
+            try:
+                items.extend(runner.prepare([value]))
+            except Exception as err:
+                errors[row] = _describe(err)
+                items.append(None)
+        return items
+
+
+def _infer_isolating(
+    runner: Runner,
+    batch: list,
+    results: list,
+    errors: list,
+    limit: BatchLimit,
+    timeout_s: float | None = None,
+) -> None:
+    try:
+        outputs = _infer_with_timeout(runner, [item for _, item in batch], timeout_s)
+    except Exception as err:
+        if len(batch) == 1 or isinstance(err, TimeoutError):
+            # A timed-out batch is not split: each half could hang as long again.
+            for row, _ in batch:
+                errors[row] = _describe(err)
+            return
+        if _is_out_of_memory(err):
+            _release_cuda_cache()
+            limit.shrink(len(batch))
+            _LOG.warning(
+                "out of memory on %d rows; micro-batches now hold at most %d",
+                len(batch),
+                limit.max_rows,
+            )
+        middle = len(batch) // 2
+        _infer_isolating(runner, batch[:middle], results, errors, limit, timeout_s)
+        _infer_isolating(runner, batch[middle:], results, errors, limit, timeout_s)
+        return
+    for (row, _), output in zip(batch, outputs, strict=True):
+        # A runner may fail one row of a batch that ran (an output that fails its check)
+        # without failing, and re-running, the rows beside it.
+        if isinstance(output, InvalidInput):
+            errors[row] = _describe(output)
+        else:
+            results[row] = output
+
+
+def _describe(err: BaseException) -> str:
+    message = " ".join(str(err).split()) or repr(err)
+    return f"{type(err).__name__}: {message[:2000]}"
+
+
+def add_task_columns(
+    table: pa.Table,
+    task_name: str,
+    fields: Sequence[pa.Field],
+    results: Sequence[tuple | None],
+    errors: Sequence[str | None],
+) -> pa.Table:
+    """Appends a task's columns and its failures; `enrich_errors` stays the last column."""
+    previous = (
+        table.column(ERRORS_COLUMN).to_pylist()
+        if ERRORS_COLUMN in table.column_names
+        else [[] for _ in range(table.num_rows)]
+    )
+    if ERRORS_COLUMN in table.column_names:
+        table = table.drop_columns([ERRORS_COLUMN])
+    for position, field in enumerate(fields):
+        values = [None if r is None else r[position] for r in results]
+        table = table.append_column(field, pa.array(values, type=field.type))
+    merged = [
+        entries if error is None else [*entries, {"task": task_name, "error": error}]
+        for entries, error in zip(previous, errors, strict=True)
+    ]
+    return table.append_column(pa.field(ERRORS_COLUMN, ERRORS_TYPE), pa.array(merged, ERRORS_TYPE))
+
+
+def _gpu_for_this_process(device: str) -> str:
+    """`cuda`/`auto` on a machine with several GPUs: spread SDK processes over them."""
+    if device not in ("auto", "cuda"):
+        return device
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count <= 1:
+        return device
+    return f"cuda:{os.getpid() % count}"
+
+
+def load_task(task: TaskBinding) -> LoadedModel:
+    """Loads a task's model on this machine: device and dtype decided here, with retries.
+
+    Raises:
+        Exception: whatever loading the model raises after transient errors were retried.
+    """
+    device = resolve_device(_gpu_for_this_process(task.device))
+    dtype = resolve_dtype(task.dtype, device)
+    if device == "cpu" and task.cpu_threads:
+        import torch
+
+        torch.set_num_threads(task.cpu_threads)
+    from transformers.utils import logging as hf_logging
+
+    # Worker logs are for problems; a per-load weights progress bar is noise there.
+    hf_logging.disable_progress_bar()
+    started = time.perf_counter()
+    runner = None
+    cached = cached_snapshot(task.model)
+    if cached is not None:
+        try:
+            runner = task.adapter.load(cached, device, dtype)
+        except Exception as err:
+            # A partial snapshot (some files fetched by hand): load by id, through the hub.
+            _LOG.warning(
+                "task %s: the cached snapshot %s does not load (%s); loading through the hub",
+                task.name,
+                cached.model,
+                err,
+            )
+    if runner is None:
+        # Hub downloads can fail transiently (connection errors, HTTP 429 / 5xx).
+        runner = retry_transient(
+            lambda: task.adapter.load(task.model, device, dtype), f"load {task.model.model}"
+        )
+    _LOG.info(
+        "task %s: loaded %s (%s) on %s/%s in %.1fs",
+        task.name,
+        task.model.model,
+        task.model.resolved,
+        device,
+        dtype,
+        time.perf_counter() - started,
+    )
+    return LoadedModel(runner, device, dtype)
+
+
+def apply_task(
+    task: TaskBinding,
+    loaded: LoadedModel,
+    table: pa.Table,
+    *,
+    on_batch: BatchCallback | None = None,
+) -> tuple[pa.Table, TaskStats]:
+    """Runs a loaded task over one table: the table with the task's columns, and its stats.
+
+    `on_batch(rows, padded_tokens)` is called per micro-batch, after the whole table ran.
+    """
+    adapter = task.adapter
+    columns = {name: _cells(table.column(name)) for name in adapter.read_columns()}
+    started = time.perf_counter()
+    inputs = adapter.row_inputs(columns)
+    device, dtype = loaded.placement()
+    results, errors, truncated, batches = loaded.run_measured(
+        inputs,
+        max_batch_tokens_for(task.max_batch_tokens, device, adapter.batch_tokens_factor),
+        task.inference_timeout_s,
+    )
+    seconds = time.perf_counter() - started
+    if on_batch is not None:
+        for rows, tokens in batches:
+            on_batch(rows, tokens)
+    table = add_task_columns(table, task.name, adapter.fields(), results, errors)
+    stats = TaskStats(
+        task=task.name,
+        rows=len(inputs),
+        failed=sum(error is not None for error in errors),
+        truncated=truncated,
+        seconds=seconds,
+        device=device,
+        dtype=dtype,
+    )
+    return table, stats
+
+
+def _cells(column: pa.ChunkedArray) -> list:
+    """The column's cells as Python values, for the task adapters.
+
+    Parquet does not check that text is UTF-8 (a surrogate written the Java way, bytes
+    ED A0 80, passes): such a cell becomes an `InvalidInput`, so its row fails alone
+    and the cell itself is written back as it was read.
+    """
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        cells = []
+        for chunk in column.chunks:
+            for offset in range(len(chunk)):
+                try:
+                    cells.append(chunk[offset].as_py())
+                except UnicodeDecodeError as err:
+                    reason = f"text is not valid UTF-8 ({err.reason} at byte {err.start})"
+                    cells.append(InvalidInput(reason))
+        return cells
