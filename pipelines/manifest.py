@@ -146,6 +146,9 @@ class TaskRecord(TaskDescription):
     succeeded: int
     failed: int
     truncated: int
+    #: Rows whose result was copied from an equal input's (the same chunk's, or one the
+    #: worker computed earlier) instead of computed; part of `succeeded`.
+    cached: int = 0
     inference_seconds: float
     #: Summed over workers: rows per second of one worker's inference time.
     rows_per_second: float | None
@@ -371,6 +374,7 @@ def build_manifest(
                 succeeded=counts.rows - counts.failed,
                 failed=counts.failed,
                 truncated=counts.truncated,
+                cached=counts.cached,
                 inference_seconds=round(counts.seconds, 3),
                 rows_per_second=(
                     round(counts.rows / counts.seconds, 2) if counts.seconds > 0 else None

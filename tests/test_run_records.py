@@ -39,7 +39,7 @@ def test_a_part_marker_reads_back_its_counts():
     part = _part({"s": TaskCounts(11, 1, 2, 0.75)})
     marker = part.to_json()
     assert json.loads(marker)["stats"] == {
-        "s": {"rows": 11, "failed": 1, "truncated": 2, "seconds": 0.75}
+        "s": {"rows": 11, "failed": 1, "truncated": 2, "seconds": 0.75, "cached": 0}
     }
     assert PartInfo.from_json(marker) == part
     # A marker an earlier version staged holds the counts as a list, in this order.

@@ -21,6 +21,8 @@ class TaskCounts:
     failed: int = 0
     truncated: int = 0
     seconds: float = 0.0
+    #: Rows whose result was copied from an equal input's instead of computed.
+    cached: int = 0
 
     def __add__(self, other: TaskCounts) -> TaskCounts:
         if not isinstance(other, TaskCounts):
@@ -30,6 +32,7 @@ class TaskCounts:
             self.failed + other.failed,
             self.truncated + other.truncated,
             self.seconds + other.seconds,
+            self.cached + other.cached,
         )
 
 
@@ -44,11 +47,12 @@ class TaskStats:
     seconds: float
     device: str
     dtype: str
+    cached: int = 0
 
     @property
     def counts(self) -> TaskCounts:
         """The counts alone, to add up."""
-        return TaskCounts(self.rows, self.failed, self.truncated, self.seconds)
+        return TaskCounts(self.rows, self.failed, self.truncated, self.seconds, self.cached)
 
 
 @dataclasses.dataclass(frozen=True)

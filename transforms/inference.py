@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from transforms.batching import max_batch_tokens_for, plan_batches
 from transforms.chunks import ERRORS_COLUMN, ERRORS_TYPE, TaskStats
+from transforms.dedup import ResultCache, input_key
 from transforms.models import (
     ResolvedModel,
     cached_snapshot,
@@ -31,10 +32,12 @@ from transforms.tasks.base import InvalidInput, Runner, TaskAdapter
 __all__ = [
     "BatchLimit",
     "LoadedModel",
+    "RowResults",
     "TaskBinding",
     "add_task_columns",
     "apply_task",
     "load_task",
+    "run_rows",
     "run_task",
 ]
 
@@ -84,7 +87,7 @@ class TaskBinding:
 
 
 class LoadedModel:
-    """A loaded task (see `load_task`) and its batch-size memory.
+    """A loaded task (see `load_task`), its batch-size memory and its cache of results.
 
     Shared by threads or, behind a proxy, by processes, so its interface is methods
     that take and return plain data (one call per chunk).
@@ -95,6 +98,7 @@ class LoadedModel:
         self.device = device
         self.dtype = dtype
         self.limit = BatchLimit()
+        self.cache = ResultCache()
 
     def placement(self) -> tuple[str, str]:
         return self.device, self.dtype
@@ -102,22 +106,29 @@ class LoadedModel:
     def run(self, inputs: list, max_batch_tokens: int, timeout_s: float | None = None):
         return run_task(self.runner, inputs, max_batch_tokens, self.limit, timeout_s=timeout_s)
 
-    def run_measured(self, inputs: list, max_batch_tokens: int, timeout_s: float | None = None):
-        """`run`, plus (rows, padded tokens) per micro-batch as a fourth item.
+    def run_measured(
+        self,
+        inputs: list,
+        max_batch_tokens: int,
+        timeout_s: float | None = None,
+        *,
+        dedup: bool = False,
+    ) -> RowResults:
+        """`run_rows` with this model's batch limit and, with `dedup`, its cache.
 
-        The sizes come back as data, not through a callback, because behind a
-        `MultiProcessShared` proxy this runs in another process.
+        The micro-batch sizes come back as data (`RowResults.batches`), not through a
+        callback, because behind a `MultiProcessShared` proxy this runs in another
+        process.
         """
-        batches: list[tuple[int, int]] = []
-        results, errors, truncated = run_task(
+        return run_rows(
             self.runner,
             inputs,
             max_batch_tokens,
             self.limit,
             timeout_s=timeout_s,
-            on_batch=lambda rows, tokens: batches.append((rows, tokens)),
+            cache=self.cache if dedup else None,
+            dedup=dedup,
         )
-        return results, errors, truncated, batches
 
 
 @dataclasses.dataclass
@@ -217,6 +228,26 @@ def _wait_for_timed_out_batches(timeout_s: float = _EXIT_WAIT_S) -> None:
         )
 
 
+@dataclasses.dataclass
+class RowResults:
+    """What running a task over one chunk's rows gave, row by row.
+
+    Attributes:
+        results: per row, a tuple of field values, or None where the row failed.
+        errors: per row, an error string (`Type: message`) or None.
+        truncated: per row, whether its input was cut to fit the model.
+        cached: rows whose result was copied instead of computed: repeats of an
+            earlier row of the chunk, or inputs found in the cache of earlier chunks.
+        batches: (rows, padded tokens) of each micro-batch that ran.
+    """
+
+    results: list[tuple | None]
+    errors: list[str | None]
+    truncated: list[bool]
+    cached: int = 0
+    batches: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+
+
 def run_task(
     runner: Runner,
     inputs: Sequence,
@@ -225,7 +256,37 @@ def run_task(
     *,
     timeout_s: float | None = None,
     on_batch: BatchCallback | None = None,
+    dedup: bool = False,
 ) -> tuple[list[tuple | None], list[str | None], int]:
+    """Runs a task over one chunk's row inputs: `run_rows`, with a count of truncated rows.
+
+    Returns:
+        (results, errors, truncated): per row, a tuple of field values or None, and an
+        error string (`Type: message`) or None; and how many rows were truncated.
+    """
+    run = run_rows(
+        runner,
+        inputs,
+        max_batch_tokens,
+        limit,
+        timeout_s=timeout_s,
+        on_batch=on_batch,
+        dedup=dedup,
+    )
+    return run.results, run.errors, sum(run.truncated)
+
+
+def run_rows(
+    runner: Runner,
+    inputs: Sequence,
+    max_batch_tokens: int,
+    limit: BatchLimit | None = None,
+    *,
+    timeout_s: float | None = None,
+    on_batch: BatchCallback | None = None,
+    dedup: bool = False,
+    cache: ResultCache | None = None,
+) -> RowResults:
     """Runs a task over one chunk's row inputs.
 
     Args:
@@ -239,35 +300,86 @@ def run_task(
             its rows with `TimeoutError`, without being split.
         on_batch: called after each planned micro-batch with its rows and padded tokens
             (rows x the longest row's cost), whether its rows succeeded or not.
+        dedup: the task's output is a pure function of its input
+            (`TaskAdapter.deterministic`): equal inputs run once and the others get a
+            copy of the result, or of the error.
+        cache: with `dedup`, results of earlier chunks to reuse; this chunk's
+            results are added to it. Errors are never cached: they may be transient.
 
     Rows with invalid input and rows whose inference raises get an error instead of a
     result; a micro-batch that raises is split in halves until the failing rows are
     found, so the rows beside them still get their results.
-
-    Returns:
-        (results, errors, truncated): per row, a tuple of field values or None, and an
-        error string (`Type: message`) or None; and how many rows were truncated.
     """
-    results: list[tuple | None] = [None] * len(inputs)
-    errors: list[str | None] = [
-        _describe(x) if isinstance(x, InvalidInput) else None for x in inputs
-    ]
-    valid = [i for i, error in enumerate(errors) if error is None]
-    items = _prepare(runner, [inputs[i] for i in valid], valid, errors)
+    count = len(inputs)
+    run = RowResults(
+        results=[None] * count,
+        errors=[_describe(x) if isinstance(x, InvalidInput) else None for x in inputs],
+        truncated=[False] * count,
+    )
+    keys: list[bytes | None] = [None] * count
+    first: dict[bytes, int] = {}  # input key -> the row that holds its result
+    repeats: list[tuple[int, int]] = []  # (row, the row it repeats)
+    todo: list[int] = []
+    for row, value in enumerate(inputs):
+        if run.errors[row] is not None:
+            continue
+        key = input_key(value) if dedup else None
+        if key is None:
+            todo.append(row)
+        elif key in first:
+            repeats.append((row, first[key]))
+        else:
+            first[key] = row
+            hit = cache.get(key) if cache is not None else None
+            if hit is None:
+                keys[row] = key
+                todo.append(row)
+            else:
+                run.results[row], run.truncated[row] = hit
+                run.cached += 1
+    _compute(runner, inputs, todo, run, max_batch_tokens, limit, timeout_s, on_batch)
+    for row, source in repeats:
+        run.results[row] = run.results[source]
+        run.errors[row] = run.errors[source]
+        run.truncated[row] = run.truncated[source]
+        run.cached += run.errors[source] is None
+    if cache is not None:
+        for row in todo:
+            if keys[row] is not None and run.errors[row] is None:
+                cache.put(keys[row], (run.results[row], run.truncated[row]))
+    return run
+
+
+def _compute(
+    runner: Runner,
+    inputs: Sequence,
+    rows: list[int],
+    run: RowResults,
+    max_batch_tokens: int,
+    limit: BatchLimit | None,
+    timeout_s: float | None,
+    on_batch: BatchCallback | None,
+) -> None:
+    """Prepares and infers `rows` of `inputs`, in micro-batches, into `run`."""
+    errors = run.errors
+    items = _prepare(runner, [inputs[i] for i in rows], rows, errors)
     prepared = []
-    for row, item in zip(valid, items, strict=True):
+    for row, item in zip(rows, items, strict=True):
         if isinstance(item, InvalidInput):  # prepare may reject a row it cannot run
             errors[row] = _describe(item)
         elif item is not None:
             prepared.append((row, item))
+            run.truncated[row] = bool(getattr(item, "truncated", False))
     limit = limit if limit is not None else BatchLimit()
     costs = [runner.cost(item) for _, item in prepared]
     for batch in plan_batches(costs, max_batch_tokens, limit.max_rows):
-        _infer_isolating(runner, [prepared[b] for b in batch], results, errors, limit, timeout_s)
+        _infer_isolating(
+            runner, [prepared[b] for b in batch], run.results, errors, limit, timeout_s
+        )
+        padded = len(batch) * max(max(costs[b] for b in batch), 1)
+        run.batches.append((len(batch), padded))
         if on_batch is not None:
-            on_batch(len(batch), len(batch) * max(max(costs[b] for b in batch), 1))
-    truncated = sum(1 for _, item in prepared if getattr(item, "truncated", False))
-    return results, errors, truncated
+            on_batch(len(batch), padded)
 
 
 def _prepare(runner: Runner, inputs: list, rows: list[int], errors: list) -> list:
@@ -427,24 +539,26 @@ def apply_task(
     started = time.perf_counter()
     inputs = adapter.row_inputs(columns)
     device, dtype = loaded.placement()
-    results, errors, truncated, batches = loaded.run_measured(
+    run = loaded.run_measured(
         inputs,
         max_batch_tokens_for(task.max_batch_tokens, device, adapter.batch_tokens_factor),
         task.inference_timeout_s,
+        dedup=adapter.deterministic,
     )
     seconds = time.perf_counter() - started
     if on_batch is not None:
-        for rows, tokens in batches:
+        for rows, tokens in run.batches:
             on_batch(rows, tokens)
-    table = add_task_columns(table, task.name, adapter.fields(), results, errors)
+    table = add_task_columns(table, task.name, adapter.fields(), run.results, run.errors)
     stats = TaskStats(
         task=task.name,
         rows=len(inputs),
-        failed=sum(error is not None for error in errors),
-        truncated=truncated,
+        failed=sum(error is not None for error in run.errors),
+        truncated=sum(run.truncated),
         seconds=seconds,
         device=device,
         dtype=dtype,
+        cached=run.cached,
     )
     return table, stats
 

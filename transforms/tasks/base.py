@@ -114,6 +114,15 @@ class TaskAdapter:
         self.input_column = input_column
         self.on_long_input = on_long_input
 
+    @property
+    def deterministic(self) -> bool:
+        """Whether a row's output is a pure function of its input (`row_inputs`).
+
+        Then equal inputs are computed once (`transforms.dedup`). True unless the task
+        samples without a seed; a plugin whose output varies per call says False.
+        """
+        return True
+
     def fields(self) -> list[pa.Field]:
         """The typed columns this task adds, prefixed with the task's name."""
         raise NotImplementedError

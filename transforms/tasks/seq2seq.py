@@ -117,6 +117,11 @@ class TranslationParams(Seq2SeqParams):
 class _Seq2Seq(TaskAdapter):
     """Runs an encoder-decoder model (`AutoModelForSeq2SeqLM`) with `generate`."""
 
+    @property
+    def deterministic(self) -> bool:
+        # Sampling (seq2seq takes no seed) draws a new output per row, even for equal inputs.
+        return not self.params.do_sample
+
     def fields(self) -> list[pa.Field]:
         return [pa.field(self.name, pa.string())]
 

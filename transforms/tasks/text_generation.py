@@ -431,6 +431,11 @@ class TextGeneration(TaskAdapter):
             field for _, pieces in self.messages or () for _, field in pieces if field is not None
         ]
 
+    @property
+    def deterministic(self) -> bool:
+        # Sampling without a seed draws a new output per row, wanted even for equal prompts.
+        return not (self.params.do_sample and self.params.seed is None)
+
     def fields(self) -> list[pa.Field]:
         fields = [pa.field(self.name, self.output_type)]
         if self.params.raw_output:
