@@ -22,6 +22,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import transforms.io
 from transforms.chunks import ERRORS_COLUMN, ERRORS_TYPE, Chunk
 from transforms.io import (
     InputError,
@@ -161,6 +162,52 @@ def test_parquet_rows_per_chunk_larger_than_file_gives_one_chunk(tmp_path):
 
     assert [c.num_rows for c in chunks] == [4]
     _assert_identical(chunks[0], table)
+
+
+def test_parquet_row_group_is_read_in_bounded_pieces(tmp_path, monkeypatch):
+    # One row group of 4 MB (pyarrow writes a million rows per group by default): the
+    # reader must fetch it page by page, not the whole column chunk into memory at once.
+    rows = 40_000
+    letters = pa.array([f"{i:08d}" + "abcdefghij" * 9 + "xy" for i in range(rows)])
+    table = pa.table({"id": pa.array(range(rows), pa.int64()), "text": letters})
+    path = str(tmp_path / "one-group.parquet")
+    pq.write_table(table, path, compression="none")
+    assert pq.ParquetFile(path).metadata.num_row_groups == 1
+    reads: list[int] = []
+    open_stored = transforms.io._open_stored
+
+    class _Counted(io.RawIOBase):
+        def __init__(self, handle):
+            self._handle = handle
+
+        def read(self, size=-1):
+            data = self._handle.read(size)
+            reads.append(len(data))
+            return data
+
+        def seek(self, offset, whence=io.SEEK_SET):
+            return self._handle.seek(offset, whence)
+
+        def tell(self):
+            return self._handle.tell()
+
+        def seekable(self):
+            return True
+
+        def readable(self):
+            return True
+
+        def close(self):
+            self._handle.close()
+            super().close()
+
+    monkeypatch.setattr(transforms.io, "_open_stored", lambda p: _Counted(open_stored(p)))
+
+    chunks = list(iter_tables(path, rows_per_chunk=5000))
+
+    assert pa.concat_tables(chunks).equals(table)
+    assert sum(reads) >= 4_000_000
+    assert max(reads) <= 1 << 20
 
 
 _cells = {
