@@ -1,7 +1,7 @@
 """Scale, side by side in one run: what the launcher reads, spreading, writes, memory.
 
     python -m benchmarks.scale [--launcher-mb 10,1000] [--rows 4000] [--workers 1,2]
-        [--memory-rows 2000,8000] [--spread-items 2000] [--json FILE]
+        [--memory-rows 2000,8000] [--spread-items 2000] [--only PARTS] [--json FILE]
 
   (a) launcher: bytes read (`/proc/self/io` rchar) and seconds from `prepare_job` to a
       built pipeline (the moment it would be submitted), for Parquet inputs of each
@@ -16,7 +16,9 @@
       cut into `--spread-items` work items, with and without the reshuffle.
 
 Each measurement runs in its own process where it reads process counters. Results go to
-stdout and, with `--json`, to a file; record them in README with the CPU flags.
+stdout and, with `--json`, to a file; record them in README with the CPU flags. `--only`
+runs some parts (`launcher,workers,writes,spread,memory`); `--json` then keeps the other
+parts' results already in the file, so a long benchmark can run as two quiet runs.
 """
 
 from __future__ import annotations
@@ -164,6 +166,9 @@ def _cpu() -> dict:
     return {**found, "cpus": os.cpu_count()}
 
 
+_PARTS = ("launcher", "workers", "writes", "spread", "memory")
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Runs the measurements; returns them (and prints each as it comes)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -172,94 +177,126 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", default="1,2", help="local worker processes for (b)")
     parser.add_argument("--memory-rows", default="2000,8000", help="row counts for (d)")
     parser.add_argument("--spread-items", type=int, default=2000, help="work items for (e)")
-    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument(
+        "--only",
+        default=",".join(_PARTS),
+        help=f"comma-separated parts to run, of {','.join(_PARTS)} (default: all)",
+    )
+    parser.add_argument(
+        "--json", help="also write the results to this file (other parts' results kept)"
+    )
     args = parser.parse_args(argv)
+    parts = set(args.only.split(","))
+    if not parts <= set(_PARTS):
+        parser.error(f"--only: unknown part(s) {sorted(parts - set(_PARTS))}; use {_PARTS}")
     results: dict = {"cpu": _cpu()}
     with tempfile.TemporaryDirectory(prefix="beam-enrich-scale-") as scratch:
         work = Path(scratch)
         spec = _write_spec(work)
-
-        sizes = [int(mb) for mb in args.launcher_mb.split(",")]
-        inputs = []
-        for mb in sizes:
-            inputs.append(work / f"launcher-{mb}mb.parquet")
-            _random_text_parquet(inputs[-1], mb)
-        launcher = _child("--probe-launcher", str(spec), str(work), *map(str, inputs))
-        results["launcher"] = list(launcher.values())
-        for entry in results["launcher"]:
-            print(
-                f"(a) launcher: {entry['input_bytes'] / 1e6:9.1f} MB input, "
-                f"{entry['bytes_read'] / 1e6:7.2f} MB read "
-                f"({100 * entry['bytes_read'] / entry['input_bytes']:.3f} %), "
-                f"{entry['seconds']:.2f} s to a built pipeline"
-            )
-        for path in inputs:
-            path.unlink()
-
+        if "launcher" in parts:
+            results["launcher"] = _launcher(args, work, spec)
         source = work / "rows.parquet"
-        _rows_parquet(source, args.rows, row_group_size=max(1, args.rows // 16))
-        timings = {}
-        for count in [int(n) for n in args.workers.split(",")]:
-            output = work / f"workers-{count}"
-            started = time.perf_counter()
-            command = [
-                sys.executable,
-                "-m",
-                "pipelines.enrich",
-                "--input",
-                str(source),
-                "--output",
-                str(output),
-                "--spec",
-                str(spec),
-                "--quiet",
-                "--work-item-mb",
-                "0.000001",  # one row group (1/16 of the file) per work item
-                "--direct_running_mode=multi_processing",
-                f"--direct_num_workers={count}",
-            ]
-            subprocess.run(command, check=True, env=os.environ.copy())
-            timings[count] = time.perf_counter() - started
-            print(f"(b) {args.rows} rows on {count} worker process(es): {timings[count]:.1f} s")
-        counts = sorted(timings)
-        results["workers"] = {
-            "rows": args.rows,
-            "seconds": timings,
-            "speedup": timings[counts[0]] / timings[counts[-1]],
-        }
-        print(f"(b) speed-up {counts[-1]} vs {counts[0]}: {results['workers']['speedup']:.2f}x")
-
-        writes = _child("--probe-writes", str(source), str(work / "writes"), str(spec))
-        writes["ratio"] = writes["bytes_written"] / writes["output_bytes"]
-        results["writes"] = writes
-        print(
-            f"(c) written {writes['bytes_written'] / 1e6:.2f} MB for an output of "
-            f"{writes['output_bytes'] / 1e6:.2f} MB: {writes['ratio']:.2f}x"
-        )
-
-        spread_source = work / "spread.parquet"
-        rows = args.spread_items * 50
-        _rows_parquet(spread_source, rows, row_group_size=50)
-        spread = {
-            flag: _child("--probe-spread", str(spread_source), str(work / f"s{flag}"), flag)
-            for flag in ("0", "1")
-        }
-        results["spread"] = {
-            "items": args.spread_items,
-            "without_s": spread["0"]["seconds"],
-            "with_s": spread["1"]["seconds"],
-        }
-        print(
-            f"(e) reading {args.spread_items} work items: {spread['0']['seconds']:.2f} s "
-            f"without the reshuffle, {spread['1']['seconds']:.2f} s with it"
-        )
-
-        memory = measure_memory([int(n) for n in args.memory_rows.split(",")], work)
-        results["memory"] = memory
-        print(f"(d) peak RSS, largest over smallest: {memory['ratio']:.2f}")
+        if parts & {"workers", "writes"}:
+            _rows_parquet(source, args.rows, row_group_size=max(1, args.rows // 16))
+        if "workers" in parts:
+            results["workers"] = _workers(args, work, spec, source)
+        if "writes" in parts:
+            results["writes"] = _writes(work, spec, source)
+        if "spread" in parts:
+            results["spread"] = _spread(args, work)
+        if "memory" in parts:
+            memory = measure_memory([int(n) for n in args.memory_rows.split(",")], work)
+            results["memory"] = memory
+            print(f"(d) peak RSS, largest over smallest: {memory['ratio']:.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
+        path = Path(args.json)
+        kept = json.loads(path.read_text()) if path.exists() else {}
+        # Parts measured in an earlier run stay, with the CPU they ran on.
+        if kept.get("cpu") not in (None, results["cpu"]):
+            kept = {}
+        path.write_text(json.dumps({**kept, **results}, indent=2, default=str) + "\n")
     return results
+
+
+def _launcher(args, work: Path, spec: Path) -> list[dict]:
+    sizes = [int(mb) for mb in args.launcher_mb.split(",")]
+    inputs = []
+    for mb in sizes:
+        inputs.append(work / f"launcher-{mb}mb.parquet")
+        _random_text_parquet(inputs[-1], mb)
+    found = list(_child("--probe-launcher", str(spec), str(work), *map(str, inputs)).values())
+    for entry in found:
+        print(
+            f"(a) launcher: {entry['input_bytes'] / 1e6:9.1f} MB input, "
+            f"{entry['bytes_read'] / 1e6:7.2f} MB read "
+            f"({100 * entry['bytes_read'] / entry['input_bytes']:.3f} %), "
+            f"{entry['seconds']:.2f} s to a built pipeline"
+        )
+    for path in inputs:
+        path.unlink()
+    return found
+
+
+def _workers(args, work: Path, spec: Path, source: Path) -> dict:
+    timings = {}
+    for count in [int(n) for n in args.workers.split(",")]:
+        output = work / f"workers-{count}"
+        started = time.perf_counter()
+        command = [
+            sys.executable,
+            "-m",
+            "pipelines.enrich",
+            "--input",
+            str(source),
+            "--output",
+            str(output),
+            "--spec",
+            str(spec),
+            "--quiet",
+            "--work-item-mb",
+            "0.000001",  # one row group (1/16 of the file) per work item
+            "--direct_running_mode=multi_processing",
+            f"--direct_num_workers={count}",
+        ]
+        subprocess.run(command, check=True, env=os.environ.copy())
+        timings[count] = time.perf_counter() - started
+        print(f"(b) {args.rows} rows on {count} worker process(es): {timings[count]:.1f} s")
+    counts = sorted(timings)
+    found = {
+        "rows": args.rows,
+        "seconds": timings,
+        "speedup": timings[counts[0]] / timings[counts[-1]],
+    }
+    print(f"(b) speed-up {counts[-1]} vs {counts[0]}: {found['speedup']:.2f}x")
+    return found
+
+
+def _writes(work: Path, spec: Path, source: Path) -> dict:
+    writes = _child("--probe-writes", str(source), str(work / "writes"), str(spec))
+    writes["ratio"] = writes["bytes_written"] / writes["output_bytes"]
+    print(
+        f"(c) written {writes['bytes_written'] / 1e6:.2f} MB for an output of "
+        f"{writes['output_bytes'] / 1e6:.2f} MB: {writes['ratio']:.2f}x"
+    )
+    return writes
+
+
+def _spread(args, work: Path) -> dict:
+    spread_source = work / "spread.parquet"
+    _rows_parquet(spread_source, args.spread_items * 50, row_group_size=50)
+    spread = {
+        flag: _child("--probe-spread", str(spread_source), str(work / f"s{flag}"), flag)
+        for flag in ("0", "1")
+    }
+    print(
+        f"(e) reading {args.spread_items} work items: {spread['0']['seconds']:.2f} s "
+        f"without the reshuffle, {spread['1']['seconds']:.2f} s with it"
+    )
+    return {
+        "items": args.spread_items,
+        "without_s": spread["0"]["seconds"],
+        "with_s": spread["1"]["seconds"],
+    }
 
 
 if __name__ == "__main__":
