@@ -302,6 +302,7 @@ def bind_tasks(
             inference_timeout_s=task.inference_timeout_s,
             share_model=task.share_model,
             cpu_threads=cpu_threads,
+            compile=task.compile,
         )
         for task, adapter in zip(spec.tasks, adapters, strict=True)
     ]

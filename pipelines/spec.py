@@ -101,6 +101,11 @@ class TaskSpec(_Frozen):
     share_model: Literal["auto", "process", "machine"] = Field(
         "auto", description="one model per SDK process, or one per machine (auto: per GPU)"
     )
+    compile: StrictBool = Field(
+        False,
+        description="compile the model with torch.compile on each worker: a slower start "
+        "(its first batches compile), then faster forward passes; for long runs",
+    )
     max_failed_rows: _FailedRows | None = Field(
         None, description="quality gate for this task (overrides the run's): exit 3 above it"
     )

@@ -23,6 +23,7 @@ from transforms.dedup import ResultCache, input_key
 from transforms.models import (
     ResolvedModel,
     cached_snapshot,
+    compiling,
     resolve_device,
     resolve_dtype,
     retry_transient,
@@ -69,6 +70,8 @@ class TaskBinding:
         progress_dir: a local folder where workers publish rows done, for the driver's
             live progress (see `transforms.progress`); None (remote runners) publishes
             Beam metrics only.
+        compile: compile the model with `torch.compile` on the worker (see
+            `transforms.models.compiling`): slower to start, faster per row.
     """
 
     adapter: TaskAdapter
@@ -80,6 +83,7 @@ class TaskBinding:
     share_model: str = "auto"
     cpu_threads: int | None = None
     progress_dir: str | None = None
+    compile: bool = False
 
     @property
     def name(self) -> str:
@@ -493,11 +497,16 @@ def load_task(task: TaskBinding) -> LoadedModel:
     # Worker logs are for problems; a per-load weights progress bar is noise there.
     hf_logging.disable_progress_bar()
     started = time.perf_counter()
+
+    def load(model: ResolvedModel) -> Runner:
+        with compiling(task.compile):
+            return task.adapter.load(model, device, dtype)
+
     runner = None
     cached = cached_snapshot(task.model)
     if cached is not None:
         try:
-            runner = task.adapter.load(cached, device, dtype)
+            runner = load(cached)
         except Exception as err:
             # A partial snapshot (some files fetched by hand): load by id, through the hub.
             _LOG.warning(
@@ -508,9 +517,7 @@ def load_task(task: TaskBinding) -> LoadedModel:
             )
     if runner is None:
         # Hub downloads can fail transiently (connection errors, HTTP 429 / 5xx).
-        runner = retry_transient(
-            lambda: task.adapter.load(task.model, device, dtype), f"load {task.model.model}"
-        )
+        runner = retry_transient(lambda: load(task.model), f"load {task.model.model}")
     _LOG.info(
         "task %s: loaded %s (%s) on %s/%s in %.1fs",
         task.name,

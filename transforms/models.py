@@ -8,6 +8,8 @@ on the worker, because only the worker knows whether it has a GPU.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import hashlib
@@ -25,6 +27,7 @@ __all__ = [
     "ModelError",
     "ResolvedModel",
     "cached_snapshot",
+    "compiling",
     "gguf_metadata",
     "is_transient",
     "load_kwargs",
@@ -536,8 +539,31 @@ def load_kwargs(model: ResolvedModel, dtype: str, *, for_pipeline: bool = False)
     return kwargs
 
 
+#: Whether `place_model` compiles the models it places (`compiling`), per loading thread.
+_COMPILE = contextvars.ContextVar("beam_enrich_compile", default=False)
+
+
+@contextlib.contextmanager
+def compiling(enabled: bool) -> Iterator[None]:
+    """Within this block, `place_model` compiles each model with `torch.compile`.
+
+    A context rather than an argument: task adapters call `place_model` from their own
+    `load`, and a task's `compile` option is the worker's choice, not the adapter's.
+    """
+    token = _COMPILE.set(enabled)
+    try:
+        yield
+    finally:
+        _COMPILE.reset(token)
+
+
 def place_model(model, device: str, dtype: str):
-    """Moves a loaded model to `device` in eval mode; int8 quantizes its Linear layers."""
+    """Moves a loaded model to `device` in eval mode; int8 quantizes its Linear layers.
+
+    Inside `compiling(True)` the placed model is compiled in place (`Module.compile`,
+    dynamic shapes: micro-batches vary in rows and length); the first forward pass of
+    each new shape class pays the compilation, later ones run the fused kernels.
+    """
     import torch
 
     model.eval()
@@ -555,7 +581,10 @@ def place_model(model, device: str, dtype: str):
             "dtype bf16: this CPU has no bf16 instructions (AVX-512 BF16 or AMX), so torch "
             "emulates them and bf16 runs several times slower than fp32; use fp32 or int8"
         )
-    return model.to(device)
+    model = model.to(device)
+    if _COMPILE.get():
+        model.compile(dynamic=True)
+    return model
 
 
 def _cpu_has_bf16() -> bool:
