@@ -7,27 +7,76 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["machine", "markdown", "plot"]
+__all__ = ["SPEED_FLAGS", "cpu_kind", "cpu_label", "machine", "markdown", "plot"]
 
 _PACKAGES = ("torch", "transformers", "apache-beam", "pyarrow", "tokenizers")
 _METHODS = ("per-row", "pipeline(list, 32)", "beam-enrich")
 
 
-def machine() -> dict:
-    """CPU model, cores, torch threads and library versions of this machine."""
-    import torch
+#: The CPU flags that decide which speed mode is fast: AVX-512 and AMX run bf16 and int8
+#: natively; without AVX512_BF16 / AMX torch emulates bf16 (several times slower than fp32).
+SPEED_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_bf16",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
 
-    cpu = platform.processor() or platform.machine()
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo; empty where there is none."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as info:
-            cpu = next(
-                (line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
-                cpu,
-            )
+            for line in info:
+                if not line.strip():
+                    break  # the first processor's block ends at the first blank line
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
     except OSError:
-        pass  # not Linux: keep what platform says
+        pass  # not Linux: callers fall back to what platform says
+    return fields
+
+
+def cpu_kind(flags: set[str]) -> str:
+    """What the CPU's flags mean for the speed modes, in words for tables."""
+    if {"amx_bf16", "amx_int8"} <= flags:
+        return "AMX bf16/int8 (Sapphire Rapids class)"
+    if "avx512_bf16" in flags:
+        return "AVX-512 BF16 (bf16 native, no AMX)"
+    if "avx512f" in flags:
+        return "AVX-512 without BF16 (bf16 emulated)"
+    if "avx2" in flags:
+        return "AVX2 (bf16 emulated)"
+    return "no AVX2"
+
+
+def cpu_label(machine: dict) -> str:
+    """The CPU and what its flags mean, for tables: which CPU measured a row."""
+    if "cpu_kind" in machine:
+        return f"{machine['cpu']}, {machine['cpu_kind']}"
+    return f"{machine['cpu']} (flags not recorded)"
+
+
+def machine() -> dict:
+    """CPU model and speed-relevant flags, cores, torch threads and library versions."""
+    import torch
+
+    info = _cpuinfo()
+    cpu = info.get("model name") or platform.processor() or platform.machine()
+    flags = set(info.get("flags", "").split())
+    mhz = info.get("cpu MHz")
     return {
         "cpu": cpu,
+        "cpu_kind": cpu_kind(flags),
+        "cpu_flags": [flag for flag in SPEED_FLAGS if flag in flags],
+        "cpu_mhz": round(float(mhz)) if mhz else None,
         "cores": os.cpu_count(),
         "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(),
@@ -107,38 +156,43 @@ def _grouped_bars(axis, by_task: dict, series, value) -> list:
 def markdown(results: dict) -> str:
     """The results as Markdown tables, ready to paste into the README."""
     m = results["machine"]
+    cpus = _CpuKeys()
+    kind = f"{m['cpu_kind']}; flags {', '.join(m['cpu_flags'])}; " if "cpu_flags" in m else ""
     lines = [
-        f"Measured on {m['cpu']} ({m['cores']} cores, torch threads {m['torch_threads']}), "
-        f"torch {m['versions']['torch']}, transformers {m['versions']['transformers']}, "
-        f"apache-beam {m['versions']['apache-beam']}.",
+        f"Measured on {m['cpu']} ({kind}{m['cores']} cores, torch threads "
+        f"{m['torch_threads']}), torch {m['versions']['torch']}, transformers "
+        f"{m['versions']['transformers']}, apache-beam {m['versions']['apache-beam']}.",
     ]
     if results["throughput"]:
         lines += [
             "",
-            "| task | bare rows/s | per-row | pipeline(list, 32) | beam-enrich |",
-            "|---|---:|---:|---:|---:|",
+            "| task | bare rows/s | per-row | pipeline(list, 32) | beam-enrich | CPU |",
+            "|---|---:|---:|---:|---:|---|",
         ]
         for task, r in results["throughput"].items():
             cells = [_ratio(r["ratio_to_bare"].get(method)) for method in _METHODS]
-            lines.append(f"| {task} | {r['rows_per_s']['bare']:.1f} | {' | '.join(cells)} |")
+            lines.append(
+                f"| {task} | {r['rows_per_s']['bare']:.1f} | {' | '.join(cells)} | {cpus.key(r)} |"
+            )
         lines.append("")
         lines.append("Ratios to the bare loop (pre-tokenized, length-sorted batches of 32).")
     modes = {task: m for task, m in results["dtypes"].items() if len(m) > 1}
     if modes:
         lines += [
             "",
-            "| task | dtype | bare vs fp32 bare | beam-enrich vs fp32 bare | agreement with fp32 |",
-            "|---|---|---:|---:|---:|",
+            "| task | dtype | bare vs fp32 bare | beam-enrich vs fp32 bare "
+            "| beam-enrich vs own bare | agreement with fp32 | TFLOP/s (share of peak) | CPU |",
+            "|---|---|---:|---:|---:|---:|---:|---|",
         ]
         for task, by_dtype in modes.items():
             for dtype, d in by_dtype.items():
-                if dtype == "fp32":
-                    continue
                 kind = "cosine " if task == "embeddings" else ""
                 lines.append(
                     f"| {task} | {dtype} | {_ratio(d['bare_x_fp32_bare'])} | "
                     f"{_ratio(d['beam_enrich_x_fp32_bare'])} | "
-                    f"{kind}{d['agreement_bare']:.3f} / {d['agreement_beam_enrich']:.3f} |"
+                    f"{_ratio(d.get('beam_enrich_x_same_dtype_bare'))} | "
+                    f"{kind}{d['agreement_bare']:.3f} / {d['agreement_beam_enrich']:.3f} | "
+                    f"{_flops(d)} | {cpus.key(d)} |"
                 )
         lines.append("")
         lines.append(
@@ -148,25 +202,52 @@ def markdown(results: dict) -> str:
     if results["generation"]:
         lines += [
             "",
-            "| task | bare new tokens/s | per-row | beam-enrich | beam-enrich vs per-row |",
-            "|---|---:|---:|---:|---:|",
+            "| task | bare new tokens/s | per-row | beam-enrich | beam-enrich vs per-row | CPU |",
+            "|---|---:|---:|---:|---:|---|",
         ]
         for task, g in results["generation"].items():
             lines.append(
                 f"| {task} | {g['new_tokens_per_s']['bare']:.1f} | "
                 f"{_ratio(g['ratio_to_bare'].get('per-row'))} | "
                 f"{_ratio(g['ratio_to_bare']['beam-enrich'])} | "
-                f"{_ratio(g['beam_enrich_x_per_row'])} |"
+                f"{_ratio(g['beam_enrich_x_per_row'])} | {cpus.key(g)} |"
             )
         lines.append("")
         lines.append("Greedy, 32 new tokens per row; ratios to length-sorted batches of 16.")
     if results["memory"]:
-        lines += ["", "| input rows | peak RSS (MiB) |", "|---:|---:|"]
+        lines += ["", "| input rows | peak RSS (MiB) | CPU |", "|---:|---:|---|"]
         for rows, run in results["memory"]["runs"].items():
-            lines.append(f"| {int(rows):,} | {run['peak_rss_mib']:.0f} |")
+            lines.append(
+                f"| {int(rows):,} | {run['peak_rss_mib']:.0f} | {cpus.key(results['memory'])} |"
+            )
         lines.append("")
         lines.append(f"Largest / smallest: {results['memory']['ratio']:.2f}x.")
+    lines += ["", *(f"CPU {key}: {label}." for label, key in cpus.keys.items())]
     return "\n".join(lines)
+
+
+class _CpuKeys:
+    """Short keys (A, B, …) for the CPUs that measured the rows, in order of first use."""
+
+    def __init__(self):
+        self.keys: dict[str, str] = {}
+
+    def key(self, entry: dict) -> str:
+        label = entry.get("cpu", "not recorded")
+        return self.keys.setdefault(label, chr(ord("A") + len(self.keys)))
+
+
+def _flops(mode: dict) -> str:
+    """Bare loop / beam-enrich model TFLOP/s, with their share of the dtype's peak."""
+    if "bare_tflops_per_s" not in mode:
+        return "-"
+    cell = f"{mode['bare_tflops_per_s']:.2f} / {mode['beam_enrich_tflops_per_s']:.2f}"
+    if "peak_tflops_per_s" in mode:
+        cell += (
+            f" ({mode['bare_share_of_peak']:.1%} / {mode['beam_enrich_share_of_peak']:.1%} "
+            f"of {mode['peak_tflops_per_s']:.1f})"
+        )
+    return cell
 
 
 def _ratio(value: float | None) -> str:

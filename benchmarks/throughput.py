@@ -1,7 +1,8 @@
 """Throughput, side by side: beam-enrich against the bare model and the usual loops.
 
     python -m benchmarks.throughput [--rows 1000] [--tasks sentiment,ner,zero-shot,embeddings]
-        [--dtypes fp32,bf16,int8] [--gen-tasks text-generation,summarization] [--gen-rows 64]
+        [--dtypes fp32,bf16,int8] [--budgets 1024,2048,4096] [--compile bf16]
+        [--gen-tasks text-generation,summarization] [--gen-rows 64]
         [--memory [--memory-rows 10000,100000]] [--skip-slow] [--markdown]
 
 For each task, on the same rows and the same model, in one process:
@@ -20,6 +21,13 @@ as ratios to the fp32 bare loop, with agreement to fp32 beside them: the share o
 labels (sentiment: label, ner: token labels, zero-shot: top label) or, for embeddings,
 the mean cosine to the fp32 vectors. On random-weight models labels sit close together,
 so their agreement is a pessimistic bound; the embeddings' cosine is on real weights.
+
+Beside each speed mode: achieved model FLOP/s (benchmarks/flops.py: the real tokens'
+FLOPs over the seconds) and their share of the CPU's peak for the dtype. `--budgets`
+also times each dtype's bare loop with token-budget micro-batches of those sizes;
+`--compile bf16` runs beam-enrich with `compile: true` (torch.compile), from an empty
+compile cache and again with a warm one. Every result records the CPU that measured it
+(model, flags, what they mean for bf16 / int8).
 
 Generation (`--gen-tasks`, see benchmarks/generation.py) and peak memory (`--memory`, see
 benchmarks/memory.py) follow. All numbers, and the machine they came from, go to
@@ -44,6 +52,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmarks.corpus import paragraphs
+from benchmarks.flops import encoder_flops, peak_flops
+from transforms.batching import max_batch_tokens_for
 
 MODELS = Path(__file__).parent / "models"
 NLI_LABELS = ("entailment", "neutral", "contradiction")
@@ -134,15 +144,16 @@ _MODEL_CLASSES = {
 }
 
 
-def load_placed(task: str, path: Path, dtype: str):
+def load_placed(task: str, path: Path, dtype: str, *, compile: bool = False):
     """The model as beam-enrich loads and places it: `load_kwargs`, then `place_model`."""
     import transformers
 
-    from transforms.models import load_kwargs, place_model, resolve_model
+    from transforms.models import compiling, load_kwargs, place_model, resolve_model
 
     kind = getattr(transformers, _MODEL_CLASSES[task])
     model = kind.from_pretrained(path, **load_kwargs(resolve_model(str(path)), dtype))
-    return place_model(model, "cpu", dtype)
+    with compiling(compile):
+        return place_model(model, "cpu", dtype)
 
 
 def per_row(pipe, texts, kwargs):
@@ -153,8 +164,31 @@ def pipeline_list(pipe, texts, kwargs):
     return pipe(texts, batch_size=32, **kwargs)
 
 
-def bare(task: str, model, tokenizer, texts: list[str], batch_size: int = 32) -> tuple[float, list]:
+def encode(task: str, tokenizer, texts: list[str]) -> list[list[int]]:
+    """The token ids the model reads per input (zero-shot: one premise-hypothesis pair
+    per text and label)."""
+    if task == "zero-shot":
+        premises = [t for t in texts for _ in ZERO_SHOT_LABELS]
+        hypotheses = [f"This example is {label}." for _ in texts for label in ZERO_SHOT_LABELS]
+        return tokenizer(premises, hypotheses, truncation="only_first")["input_ids"]
+    return tokenizer(texts, truncation=True)["input_ids"]
+
+
+def bare(
+    task: str,
+    model,
+    tokenizer,
+    texts: list[str],
+    batch_size: int = 32,
+    *,
+    max_batch_tokens: int | None = None,
+    timings: dict | None = None,
+) -> tuple[float, list]:
     """Pre-tokenized, length-sorted, batched forward passes: nothing else.
+
+    Batches hold `batch_size` rows, or with `max_batch_tokens` are planned as
+    beam-enrich plans them (`plan_batches`: a padded-token budget). `timings` gets the
+    untimed warm-up call's seconds as "warm_up_s" (a compiled model compiles there).
 
     Returns:
         (seconds, one output per text in input order: a label id for sentiment and
@@ -162,19 +196,22 @@ def bare(task: str, model, tokenizer, texts: list[str], batch_size: int = 32) ->
     """
     import torch
 
-    if task == "zero-shot":
-        premises = [t for t in texts for _ in ZERO_SHOT_LABELS]
-        hypotheses = [f"This example is {label}." for _ in texts for label in ZERO_SHOT_LABELS]
-        encoded = tokenizer(premises, hypotheses, truncation="only_first")["input_ids"]
+    from transforms.batching import plan_batches
+
+    encoded = encode(task, tokenizer, texts)
+    if max_batch_tokens is None:
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     else:
-        encoded = tokenizer(texts, truncation=True)["input_ids"]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        batches = plan_batches([len(ids) for ids in encoded], max_batch_tokens)
     padded = [
         tokenizer.pad({"input_ids": [encoded[i] for i in b]}, return_tensors="pt") for b in batches
     ]
     with torch.inference_mode():
+        started = time.perf_counter()
         model(**padded[-1])  # warm-up, untimed: first-call allocations and kernel choice
+        if timings is not None:
+            timings["warm_up_s"] = time.perf_counter() - started
         outputs = []
         started = time.perf_counter()
         for inputs in padded:
@@ -248,9 +285,16 @@ def end_to_end_outputs(task: str, output: Path) -> list:
 
 
 def beam_enrich(
-    task: str, path: Path, texts: list[str], workdir: Path, dtype: str = "fp32", run_name: str = ""
+    task: str,
+    path: Path,
+    texts: list[str],
+    workdir: Path,
+    dtype: str = "fp32",
+    run_name: str = "",
+    **options,
 ) -> tuple[float, list]:
-    """beam-enrich end to end; returns (seconds, its outputs from `end_to_end_outputs`)."""
+    """beam-enrich end to end, `options` added to the task's spec (`compile=True`);
+    returns (seconds, its outputs from `end_to_end_outputs`)."""
     from pipelines.enrich import run
 
     source = workdir / f"input{run_name}.parquet"
@@ -267,6 +311,7 @@ def beam_enrich(
                         "model": str(path),
                         "dtype": dtype,
                         "params": params,
+                        **options,
                     }
                 ]
             }
@@ -290,23 +335,73 @@ def warm_up(task: str, path: Path, texts: list[str], workdir: Path) -> None:
     beam_enrich(task, path, texts[:32], workdir, run_name="-warm-up")
 
 
-def measure_task(task: str, texts: list[str], dtypes: list[str], workdir: Path, *, skip_slow: bool):
+def measure_task(
+    task: str,
+    texts: list[str],
+    dtypes: list[str],
+    workdir: Path,
+    *,
+    skip_slow: bool,
+    machine: dict | None = None,
+    budgets: tuple[int, ...] = (),
+    compile_dtypes: tuple[str, ...] = (),
+):
     """One task's methods in fp32, then its speed modes; prints both tables.
 
+    `budgets`: also time the bare loop of each dtype with micro-batches planned to these
+    `max_batch_tokens`. `compile_dtypes`: also run beam-enrich with `compile: true`
+    (mode `<dtype>+compile` from an empty compile cache, `<dtype>+compile-warm` with the
+    cache it left) and a compiled bare loop, timing its (warm) compilation.
+
     Returns:
-        (throughput: {"rows_per_s", "ratio_to_bare"}, speed modes: {dtype: numbers}).
+        (throughput: {"rows_per_s", "ratio_to_bare"}, speed modes: {dtype: numbers},
+        with achieved model FLOP/s and, given `machine`, their share of the dtype's peak).
     """
-    from transformers import AutoTokenizer, pipeline
+    from transformers import AutoConfig, AutoTokenizer, pipeline
 
     path = build_model(task)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    work = encoder_flops(
+        AutoConfig.from_pretrained(path), [len(ids) for ids in encode(task, tokenizer, texts)]
+    )
     bare_s, bare_out, e2e_s, e2e_out = {}, {}, {}, {}
+    budget_rates: dict[str, dict[int, float]] = {}
+    compiled: dict[str, dict[str, float]] = {}
     warm_up(task, path, texts, workdir)
     for dtype in ["fp32", *(d for d in dtypes if d != "fp32")]:
         model = load_placed(task, path, dtype)
         bare_s[dtype], bare_out[dtype] = bare(task, model, tokenizer, texts)
+        for budget in budgets:
+            seconds, _ = bare(task, model, tokenizer, texts, max_batch_tokens=budget)
+            budget_rates.setdefault(dtype, {})[budget] = len(texts) / seconds
         del model
         e2e_s[dtype], e2e_out[dtype] = beam_enrich(task, path, texts, workdir, dtype)
+        if dtype in compile_dtypes:
+            # First with inductor's on-disk cache empty (`main` points it at a fresh
+            # folder): a job's first run. Then again, as the job's later runs start.
+            mode = f"{dtype}+compile"
+            e2e_s[mode], e2e_out[mode] = beam_enrich(
+                task, path, texts, workdir, dtype, run_name="-compile", compile=True
+            )
+            warm = f"{mode}-warm"
+            e2e_s[warm], e2e_out[warm] = beam_enrich(
+                task, path, texts, workdir, dtype, run_name="-compile-warm", compile=True
+            )
+            model = load_placed(task, path, dtype, compile=True)
+            timings: dict = {}
+            seconds, _ = bare(
+                task,
+                model,
+                tokenizer,
+                texts,
+                max_batch_tokens=max_batch_tokens_for(None, "cpu"),
+                timings=timings,
+            )
+            compiled[mode] = {
+                "compiled_bare_rows_per_s": len(texts) / seconds,
+                "compile_s": timings["warm_up_s"],
+            }
+            del model
     seconds = {"bare": bare_s["fp32"], "beam-enrich": e2e_s["fp32"]}
     if not skip_slow:
         pipe = pipeline(SPEC_TASK[task][1], model=str(path))
@@ -331,9 +426,11 @@ def measure_task(task: str, texts: list[str], dtypes: list[str], workdir: Path, 
     }
 
     modes = {}
-    for dtype in bare_s:
-        bare_rate, e2e_rate = len(texts) / bare_s[dtype], len(texts) / e2e_s[dtype]
-        modes[dtype] = {
+    for mode in e2e_s:
+        # `bf16+compile` is set against the plain bf16 bare loop of 32-row batches.
+        dtype = mode.split("+")[0]
+        bare_rate, e2e_rate = len(texts) / bare_s[dtype], len(texts) / e2e_s[mode]
+        modes[mode] = {
             "bare_rows_per_s": bare_rate,
             "bare_x_fp32_bare": bare_rate / reference,
             "beam_enrich_rows_per_s": e2e_rate,
@@ -342,8 +439,20 @@ def measure_task(task: str, texts: list[str], dtypes: list[str], workdir: Path, 
             "agreement_bare": agreement(
                 task, bare_out["fp32"], bare_out[dtype], per_token=task == "ner"
             ),
-            "agreement_beam_enrich": agreement(task, e2e_out["fp32"], e2e_out[dtype]),
+            "agreement_beam_enrich": agreement(task, e2e_out["fp32"], e2e_out[mode]),
+            "model_gflops": work / 1e9,
+            "bare_tflops_per_s": work / bare_s[dtype] / 1e12,
+            "beam_enrich_tflops_per_s": work / e2e_s[mode] / 1e12,
+            **compiled.get(mode, {}),
         }
+        if dtype in budget_rates and mode == dtype:
+            modes[mode]["bare_rows_per_s_by_max_batch_tokens"] = budget_rates[dtype]
+        peak = peak_flops(machine or {}, dtype)
+        if peak is not None:
+            modes[mode]["peak_tflops_per_s"] = peak["flops_per_s"] / 1e12
+            modes[mode]["peak_unit"] = peak["unit"]
+            modes[mode]["bare_share_of_peak"] = work / bare_s[dtype] / peak["flops_per_s"]
+            modes[mode]["beam_enrich_share_of_peak"] = work / e2e_s[mode] / peak["flops_per_s"]
     if len(modes) > 1:
         what = "mean cosine" if task == "embeddings" else "label agreement"
         print(f"  speed modes ({what} with fp32, bare loop / beam-enrich):")
@@ -351,11 +460,35 @@ def measure_task(task: str, texts: list[str], dtypes: list[str], workdir: Path, 
             target = DTYPE_TARGETS.get(dtype)
             aim = f"(target >= {target}x)" if target else " " * 15
             print(
-                f"  {dtype:5s} bare {m['bare_x_fp32_bare']:5.2f}x fp32 {aim}  "
+                f"  {dtype:12s} bare {m['bare_x_fp32_bare']:5.2f}x fp32 {aim}  "
                 f"beam-enrich {m['beam_enrich_x_fp32_bare']:5.2f}x fp32 bare "
                 f"({m['beam_enrich_x_same_dtype_bare']:4.2f}x own bare)  "
                 f"agreement {m['agreement_bare']:.3f} / {m['agreement_beam_enrich']:.3f}"
             )
+    for mode, m in modes.items():
+        if "compile_s" in m:
+            print(
+                f"  {mode}: compiled bare loop {m['compiled_bare_rows_per_s']:.1f} rows/s "
+                f"(compiled in {m['compile_s']:.1f}s)"
+            )
+        if "bare_rows_per_s_by_max_batch_tokens" in m:
+            cells = "  ".join(
+                f"{budget}: {rate / m['bare_rows_per_s']:.2f}x"
+                for budget, rate in m["bare_rows_per_s_by_max_batch_tokens"].items()
+            )
+            print(f"  {mode} bare loop by max_batch_tokens, vs 32-row batches: {cells}")
+    print("  model FLOP/s (real tokens' FLOPs / seconds), bare loop / beam-enrich:")
+    for dtype, m in modes.items():
+        share = ""
+        if "peak_tflops_per_s" in m:
+            share = (
+                f"  of a {m['peak_tflops_per_s']:.1f} TFLOP/s {m['peak_unit']} peak: "
+                f"{m['bare_share_of_peak']:.1%} / {m['beam_enrich_share_of_peak']:.1%}"
+            )
+        print(
+            f"  {dtype:12s} {m['bare_tflops_per_s']:.3f} / {m['beam_enrich_tflops_per_s']:.3f} "
+            f"TFLOP/s{share}"
+        )
     return throughput, modes
 
 
@@ -365,6 +498,19 @@ def _names(value: str, known: tuple[str, ...], option: str) -> list[str]:
     if unknown:
         raise SystemExit(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
     return names
+
+
+def _label_cpu(results: dict, label: str) -> None:
+    """Marks every result entry that has no `cpu` yet with the CPU that measured it."""
+    entries = [
+        *results.get("throughput", {}).values(),
+        *results.get("generation", {}).values(),
+        *(mode for modes in results.get("dtypes", {}).values() for mode in modes.values()),
+    ]
+    if results.get("memory"):
+        entries.append(results["memory"])
+    for entry in entries:
+        entry.setdefault("cpu", label)
 
 
 def _as_list(settings) -> list:
@@ -386,6 +532,16 @@ def main() -> None:
         help="rows for zero-shot, which runs one NLI pair per label (default 250)",
     )
     parser.add_argument("--dtypes", default="fp32,bf16,int8", help="speed modes to compare")
+    parser.add_argument(
+        "--budgets",
+        default="",
+        help="also time each dtype's bare loop with these max_batch_tokens (e.g. 2048,4096)",
+    )
+    parser.add_argument(
+        "--compile",
+        default="",
+        help="dtypes to also run with `compile: true` (torch.compile), e.g. bf16",
+    )
     parser.add_argument("--gen-tasks", default=",".join(generation.GEN_TASKS), help="'' for none")
     parser.add_argument("--gen-rows", type=int, default=64, help="rows per generation task")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory")
@@ -412,7 +568,10 @@ def main() -> None:
     # torch deprecates its quantized tensors; dynamic int8 is still what beam-enrich runs.
     warnings.filterwarnings("ignore", message="torch.quantize_per_")
     machine = report.machine()
-    print(f"{machine['cpu']}; {machine['cores']} cores; torch threads {machine['torch_threads']}")
+    print(
+        f"{machine['cpu']}, {machine['cpu_kind']}; {machine['cores']} cores; torch threads "
+        f"{machine['torch_threads']}; flags {' '.join(machine['cpu_flags'])}"
+    )
     results: dict = {
         "machine": machine,
         "settings": vars(args),
@@ -430,12 +589,23 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
+        # Compiled kernels are cached on disk across processes: start from an empty cache.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(workdir / "inductor-cache")
         texts = paragraphs(args.rows)
         if tasks:
             print(f"{len(texts)} paragraphs")
         for task in tasks:
             rows = texts[: args.zero_shot_rows] if task == "zero-shot" else texts
-            throughput, modes = measure_task(task, rows, dtypes, workdir, skip_slow=args.skip_slow)
+            throughput, modes = measure_task(
+                task,
+                rows,
+                dtypes,
+                workdir,
+                skip_slow=args.skip_slow,
+                machine=machine,
+                budgets=tuple(int(b) for b in args.budgets.split(",") if b.strip()),
+                compile_dtypes=tuple(_names(args.compile, tuple(dtypes), "--compile")),
+            )
             results["throughput"][task] = throughput
             results["dtypes"][task] = modes
         for task in gen_tasks:
@@ -446,10 +616,13 @@ def main() -> None:
             print("\npeak memory of beam-enrich end to end (each size in a fresh process):")
             results["memory"] = memory.measure_memory(memory_rows, workdir)
             print(f"  largest / smallest {results['memory']['ratio']:.2f}x (target <= 1.2x)")
+    _label_cpu(results, report.cpu_label(machine))
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     if args.append and (out / "throughput.json").exists():
         saved = json.loads((out / "throughput.json").read_text())
+        # Rows kept from an earlier run say which CPU measured them.
+        _label_cpu(saved, report.cpu_label(saved["machine"]))
         for part in ("throughput", "generation"):
             results[part] = {**saved.get(part, {}), **results[part]}
         # Per task and dtype: a run with `--dtypes fp32,int8` keeps the saved bf16 rows
