@@ -1,6 +1,6 @@
 """GPU throughput of beam-enrich's hot path, against a bare loop and transformers' pipeline.
 
-    python benchmarks/gpu.py [--device cuda] [--dtypes fp16,bf16] [--rows 4000]
+    python benchmarks/gpu.py [--device cuda] [--dtypes fp16,bf16] [--rows 20000]
         [--gen-rows 256] [--new-tokens 64] [--batch-size 64] [--out gpu.json] [--tiny]
 
 Runs without apache_beam and without network: it imports only the Beam-free hot path
@@ -12,7 +12,7 @@ checkpoints with the real shapes, built here from configs (distilbert-base for
 sentiment, all-MiniLM-L6-v2 for embeddings, gpt2 and SmolLM2-135M for generation), with
 the bert-base-uncased vocabulary shipped in benchmarks/data (padded with unused tokens
 to a decoder's vocabulary size, so its output layer has the real width). Text: the prose
-paragraphs of `benchmarks.corpus`.
+paragraphs of `benchmarks.corpus`, topped up with distinct pairs of its sentences.
 
 For each task and dtype, on the same rows and model:
   hot_path:  beam-enrich's per-chunk path (`apply_task` over 512-row Arrow chunks:
@@ -303,7 +303,8 @@ def _pipeline(task: str, path: Path, texts: list[str], device: str, dtype: str, 
     pipe = pipeline(name, model=str(path), device=device, dtype=getattr(torch, _DTYPES[dtype]))
     kwargs = {
         "sentiment": {"truncation": True},
-        "embeddings": {"tokenize_kwargs": {"truncation": True}},
+        # Tensors, not nested lists of every token's vector (minutes of Python at 20k rows).
+        "embeddings": {"tokenize_kwargs": {"truncation": True}, "return_tensors": True},
     }.get(
         task,
         {"max_new_tokens": args.new_tokens, "do_sample": False, "return_full_text": False},
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtypes", default="fp16,bf16")
     parser.add_argument("--tasks", default=",".join(TASKS))
-    parser.add_argument("--rows", type=int, default=4000, help="rows per encoder task")
+    parser.add_argument("--rows", type=int, default=20000, help="rows per encoder task")
     parser.add_argument("--gen-rows", type=int, default=256, help="prompts per generation task")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64, help="bare loop and pipeline")
@@ -390,11 +391,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     from transformers.utils import logging as hf_logging
 
-    from benchmarks.corpus import paragraphs
+    from benchmarks.corpus import paragraphs, sentence_pairs
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     texts = paragraphs(args.rows)
+    if len(texts) < args.rows:  # the prose has about 1,000 paragraphs; pairs of its
+        # sentences make more distinct rows (the hot path computes repeats only once)
+        texts += sentence_pairs(args.rows - len(texts))
     # Prompts of at most 48 words, so prompt and new tokens fit gpt2's 1,024 positions.
     prompts = [" ".join(text.split()[:48]) for text in paragraphs(args.gen_rows)]
     started = time.perf_counter()
