@@ -21,6 +21,7 @@ from transforms.inference import (
     apply_task,
     load_task,
 )
+from transforms.model_server import with_local_front
 from transforms.progress import ProgressWriter
 
 __all__ = ["METRICS_NAMESPACE", "EnrichTables"]
@@ -76,9 +77,10 @@ class _EnrichDoFn(beam.DoFn):
         self._batch_tokens.update(padded_tokens)
 
     def process(self, chunk: Chunk) -> Iterator[Chunk]:
-        table, stats = apply_task(
-            self._task, self._loaded, chunk.table, on_batch=self._record_batch
-        )
+        # A model served by another process (`share_model: machine`) gets forward passes
+        # only: this process tokenizes and decodes.
+        model = with_local_front(self._task, self._loaded)
+        table, stats = apply_task(self._task, model, chunk.table, on_batch=self._record_batch)
         self._rows.inc(stats.rows)
         self._failed.inc(stats.failed)
         self._inference_ms.update(int(stats.seconds * 1000))

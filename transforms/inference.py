@@ -28,7 +28,7 @@ from transforms.models import (
     resolve_dtype,
     retry_transient,
 )
-from transforms.tasks.base import InvalidInput, Runner, TaskAdapter
+from transforms.tasks.base import InvalidInput, Runner, SplitRunner, TaskAdapter
 
 __all__ = [
     "BatchLimit",
@@ -97,12 +97,24 @@ class LoadedModel:
     that take and return plain data (one call per chunk).
     """
 
-    def __init__(self, runner: Runner, device: str, dtype: str):
+    def __init__(self, runner: Runner, device: str, dtype: str, *, overlap: bool = False):
         self.runner = runner
         self.device = device
         self.dtype = dtype
+        self.overlap = overlap
         self.limit = BatchLimit()
         self.cache = ResultCache()
+
+    def forward(self, batch: dict) -> dict:
+        """One micro-batch's forward pass (`SplitRunner.forward`), for callers that
+        collate and decode in their own processes."""
+        try:
+            return self.runner.forward(batch)
+        except Exception as err:
+            if _is_out_of_memory(err):
+                # The caller halves its batches and retries; the memory to free is here.
+                _release_cuda_cache()
+            raise
 
     def placement(self) -> tuple[str, str]:
         return self.device, self.dtype
@@ -132,6 +144,7 @@ class LoadedModel:
             timeout_s=timeout_s,
             cache=self.cache if dedup else None,
             dedup=dedup,
+            overlap=self.overlap,
         )
 
 
@@ -290,6 +303,7 @@ def run_rows(
     on_batch: BatchCallback | None = None,
     dedup: bool = False,
     cache: ResultCache | None = None,
+    overlap: bool = False,
 ) -> RowResults:
     """Runs a task over one chunk's row inputs.
 
@@ -309,6 +323,8 @@ def run_rows(
             copy of the result, or of the error.
         cache: with `dedup`, results of earlier chunks to reuse; this chunk's
             results are added to it. Errors are never cached: they may be transient.
+        overlap: for a `SplitRunner` without `timeout_s`, run each micro-batch's
+            forward pass on a thread while the next is collated and the last decoded.
 
     Rows with invalid input and rows whose inference raises get an error instead of a
     result; a micro-batch that raises is split in halves until the failing rows are
@@ -341,7 +357,7 @@ def run_rows(
             else:
                 run.results[row], run.truncated[row] = hit
                 run.cached += 1
-    _compute(runner, inputs, todo, run, max_batch_tokens, limit, timeout_s, on_batch)
+    _compute(runner, inputs, todo, run, max_batch_tokens, limit, timeout_s, on_batch, overlap)
     for row, source in repeats:
         run.results[row] = run.results[source]
         run.errors[row] = run.errors[source]
@@ -363,6 +379,7 @@ def _compute(
     limit: BatchLimit | None,
     timeout_s: float | None,
     on_batch: BatchCallback | None,
+    overlap: bool,
 ) -> None:
     """Prepares and infers `rows` of `inputs`, in micro-batches, into `run`."""
     errors = run.errors
@@ -376,14 +393,54 @@ def _compute(
             run.truncated[row] = bool(getattr(item, "truncated", False))
     limit = limit if limit is not None else BatchLimit()
     costs = [runner.cost(item) for _, item in prepared]
-    for batch in plan_batches(costs, max_batch_tokens, limit.max_rows):
-        _infer_isolating(
-            runner, [prepared[b] for b in batch], run.results, errors, limit, timeout_s
-        )
+    planned = plan_batches(costs, max_batch_tokens, limit.max_rows)
+    batches = [[prepared[b] for b in batch] for batch in planned]
+    if overlap and timeout_s is None and _splits(runner) and len(batches) > 1:
+        _infer_overlapped(runner, batches, run.results, errors, limit)
+    else:
+        for batch in batches:
+            _infer_isolating(runner, batch, run.results, errors, limit, timeout_s)
+    for batch in planned:
         padded = len(batch) * max(max(costs[b] for b in batch), 1)
         run.batches.append((len(batch), padded))
         if on_batch is not None:
             on_batch(len(batch), padded)
+
+
+def _splits(runner: Runner) -> bool:
+    return all(hasattr(runner, name) for name in ("collate", "forward", "decode"))
+
+
+def _infer_overlapped(
+    runner: SplitRunner, batches: list[list], results: list, errors: list, limit: BatchLimit
+) -> None:
+    """Runs micro-batch k's forward pass on a thread while this one collates k + 1 and
+    decodes k - 1, so a model server (or a GPU) gets its next batch without waiting
+    for Python. A batch whose forward pass or decoding raises runs again through
+    `_infer_isolating`, which finds the failing rows."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def finish(batch: list, future) -> None:
+        try:
+            if future is None:
+                raise RuntimeError("collate failed")
+            outputs = runner.decode([item for _, item in batch], future.result())
+        except Exception:
+            _infer_isolating(runner, batch, results, errors, limit)
+            return
+        _assign(batch, outputs, results, errors)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="beam-enrich-forward") as pool:
+        pending = None
+        for batch in batches:
+            try:
+                future = pool.submit(runner.forward, runner.collate([item for _, item in batch]))
+            except Exception:
+                future = None
+            if pending is not None:
+                finish(*pending)
+            pending = (batch, future)
+        finish(*pending)
 
 
 def _prepare(runner: Runner, inputs: list, rows: list[int], errors: list) -> list:
@@ -429,6 +486,10 @@ def _infer_isolating(
         _infer_isolating(runner, batch[:middle], results, errors, limit, timeout_s)
         _infer_isolating(runner, batch[middle:], results, errors, limit, timeout_s)
         return
+    _assign(batch, outputs, results, errors)
+
+
+def _assign(batch: list, outputs: list, results: list, errors: list) -> None:
     for (row, _), output in zip(batch, outputs, strict=True):
         # A runner may fail one row of a batch that ran (an output that fails its check)
         # without failing, and re-running, the rows beside it.
@@ -527,7 +588,10 @@ def load_task(task: TaskBinding) -> LoadedModel:
         dtype,
         time.perf_counter() - started,
     )
-    return LoadedModel(runner, device, dtype)
+    # On a GPU the forward pass runs asynchronously: collating and decoding the batches
+    # beside it keeps the device busy. On CPU they compete for the same cores, and the
+    # overlap measured slower there (benchmarks/shared_model.py).
+    return LoadedModel(runner, device, dtype, overlap=device.startswith("cuda"))
 
 
 def apply_task(

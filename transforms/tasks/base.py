@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any, ClassVar, Protocol
 
+import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
@@ -23,10 +24,14 @@ __all__ = [
     "InvalidInput",
     "Params",
     "Runner",
+    "SplitRunner",
     "TaskAdapter",
     "check_text",
     "encode_texts",
+    "front_pipeline",
     "pad_batch",
+    "pad_ids",
+    "to_model",
 ]
 
 
@@ -48,6 +53,25 @@ class Runner(Protocol):
 
     def infer(self, items: list[Any]) -> list[tuple]:
         """One tuple of field values (in `fields()` order) per item, in order."""
+
+
+class SplitRunner(Runner, Protocol):
+    """A runner whose `infer` is `decode(items, forward(collate(items)))`.
+
+    Only `forward` needs the model, and it takes and returns NumPy arrays (plain data
+    that pickles as bytes), so a model server can run it for callers that tokenize,
+    collate and decode themselves (`TaskAdapter.load_front`): the server then spends
+    its time on forward passes only.
+    """
+
+    def collate(self, items: list[Any]) -> dict[str, np.ndarray]:
+        """A micro-batch's model inputs: padded arrays, on the host."""
+
+    def forward(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The model's outputs for `collate`'s arrays, cut to what `decode` reads."""
+
+    def decode(self, items: list[Any], outputs: dict[str, np.ndarray]) -> list[tuple]:
+        """One tuple of field values per item, from `forward`'s outputs."""
 
 
 class InvalidInput(ValueError):
@@ -131,6 +155,12 @@ class TaskAdapter:
         """Loads the model on this worker."""
         raise NotImplementedError
 
+    def load_front(self, model: ResolvedModel) -> SplitRunner | None:
+        """The runner without the model's weights (tokenizer, config, label maps), for a
+        process whose forward passes run in a model server; None: the family cannot
+        split, and the server runs `infer` whole."""
+        return None
+
     def resolved_parameters(self, model: ResolvedModel) -> dict[str, Any]:
         """What the model's own files decide beyond `params` (e.g. an embedding model's
         pooling), for the manifest; read on the launcher without loading any weights.
@@ -212,18 +242,67 @@ def model_max_length(tokenizer, config) -> int:
     return min(limits) if limits else 512
 
 
-def pad_batch(tokenizer, items: Sequence[Encoded], device: str) -> dict:
-    """Pads a micro-batch to its longest row and moves it to `device`."""
+def front_pipeline(task: str, model: ResolvedModel, auto_class) -> Any:
+    """A transformers pipeline whose model has no weights (on the meta device).
+
+    Its tokenizer, config and post-processing are the real ones: what a process that
+    tokenizes and decodes, while a model server runs the forward passes, needs.
+    `auto_class` is the `AutoModelFor...` class the task's pipeline loads.
+    """
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, pipeline
+
+    pinned: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
+    if model.revision is not None:
+        pinned["revision"] = model.revision
+    config = AutoConfig.from_pretrained(model.model, **pinned)
+    tokenizer = AutoTokenizer.from_pretrained(model.model, **pinned)
+    with torch.device("meta"):
+        network = auto_class.from_config(config, trust_remote_code=model.trust_remote_code)
+    # On its own device the pipeline never tries to copy the (absent) weights.
+    return pipeline(task, model=network, tokenizer=tokenizer, device=torch.device("meta"))
+
+
+def pad_ids(
+    tokenizer,
+    rows: Sequence[Sequence[int]],
+    *,
+    types: Sequence[Sequence[int]] | None = None,
+    right: bool | None = None,
+) -> dict[str, np.ndarray]:
+    """Pads token id lists to the longest, on the host: input_ids, attention_mask and,
+    with `types`, token_type_ids. `right` defaults to the tokenizer's padding side."""
+    width = max(len(ids) for ids in rows)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    token_types = np.zeros((len(rows), width), dtype=np.int64) if types is not None else None
+    if right is None:
+        right = tokenizer.padding_side != "left"
+    for row, row_ids in enumerate(rows):
+        length = len(row_ids)
+        span = slice(0, length) if right else slice(width - length, width)
+        ids[row, span] = row_ids
+        mask[row, span] = 1
+        if token_types is not None and types[row] is not None:
+            token_types[row, span] = types[row]
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if token_types is not None:
+        batch["token_type_ids"] = token_types
+    return batch
+
+
+def to_model(batch: dict[str, np.ndarray], device: str) -> dict:
+    """Host arrays as tensors on `device`; on CUDA through pinned memory with
+    non-blocking copies, so the copy of a batch overlaps the work queued before it."""
     import torch
 
-    width = max(len(item.input_ids) for item in items)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    right = tokenizer.padding_side != "left"
-    for row, item in enumerate(items):
-        length = len(item.input_ids)
-        span = slice(0, length) if right else slice(width - length, width)
-        ids[row, span] = torch.tensor(item.input_ids, dtype=torch.long)
-        mask[row, span] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    tensors = {key: torch.from_numpy(value) for key, value in batch.items()}
+    if not device.startswith("cuda"):
+        return {key: value.to(device) for key, value in tensors.items()}
+    return {key: value.pin_memory().to(device, non_blocking=True) for key, value in tensors.items()}
+
+
+def pad_batch(tokenizer, items: Sequence[Encoded], device: str) -> dict:
+    """Pads a micro-batch to its longest row and moves it to `device`."""
+    return to_model(pad_ids(tokenizer, [item.input_ids for item in items]), device)

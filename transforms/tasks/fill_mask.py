@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Annotated
 
+import numpy as np
 import pyarrow as pa
 from pydantic import Field, StrictInt
 
@@ -15,8 +16,10 @@ from transforms.tasks.base import (
     Params,
     TaskAdapter,
     encode_texts,
+    front_pipeline,
     model_max_length,
-    pad_batch,
+    pad_ids,
+    to_model,
 )
 
 __all__ = ["FILL_TYPE", "MASK_PLACEHOLDER", "FillMask", "FillMaskParams"]
@@ -66,6 +69,16 @@ class FillMask(TaskAdapter):
         pipe.model = place_model(pipe.model, device, dtype)
         return _Runner(pipe, device, self.params)
 
+    def load_front(self, model: ResolvedModel) -> _Runner | None:
+        if model.gguf_file is not None:
+            return None
+        from transformers import AutoModelForMaskedLM
+
+        pipe = front_pipeline("fill-mask", model, AutoModelForMaskedLM)
+        if pipe.tokenizer.mask_token_id is None:
+            return None  # load() names the problem
+        return _Runner(pipe, "meta", self.params)
+
 
 class _Runner:
     def __init__(self, pipe, device: str, params: FillMaskParams):
@@ -110,24 +123,36 @@ class _Runner:
         return len(item.input_ids)
 
     def infer(self, items: list[Encoded]) -> list[tuple]:
+        return self.decode(items, self.forward(self.collate(items)))
+
+    def collate(self, items: list[Encoded]) -> dict[str, np.ndarray]:
+        return pad_ids(self.pipe.tokenizer, [item.input_ids for item in items])
+
+    def forward(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        inputs = pad_batch(self.pipe.tokenizer, items, self.device)
+        inputs = to_model(batch, self.device)
         with torch.inference_mode():
             logits = self.pipe.model(**inputs).logits
             # Only the mask position's logits leave the device: rows x vocabulary, not
             # rows x tokens x vocabulary. prepare() left exactly one mask per row.
             at_mask = logits[inputs["input_ids"] == self.mask_id].float().cpu()
+        return {"at_mask": at_mask.numpy()}
+
+    def decode(self, items: list[Encoded], outputs: dict[str, np.ndarray]) -> list[tuple]:
+        import torch
+
+        at_mask = torch.from_numpy(outputs["at_mask"])
         results = []
         for row, item in enumerate(items):
             length = len(item.input_ids)
-            outputs = {
+            one = {
                 "input_ids": torch.tensor([item.input_ids]),
                 # The pipeline's postprocess reads logits[0, mask position]; a stride-0
                 # view puts the mask's logits at every position without copying them.
                 "logits": at_mask[row].expand(1, length, -1),
             }
-            fills = self.pipe.postprocess(outputs, top_k=self.top_k)
+            fills = self.pipe.postprocess(one, top_k=self.top_k)
             results.append(([_fill(fill) for fill in fills],))
         return results
 

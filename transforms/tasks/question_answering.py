@@ -38,6 +38,8 @@ from transforms.tasks.base import (
     TaskAdapter,
     check_text,
     model_max_length,
+    pad_ids,
+    to_model,
 )
 
 __all__ = ["ANSWER_TYPE", "QuestionAnswering", "QuestionAnsweringParams"]
@@ -156,6 +158,22 @@ class QuestionAnswering(TaskAdapter):
         network = AutoModelForQuestionAnswering.from_pretrained(model.model, **kwargs)
         network = place_model(network, device, dtype)
         return _Runner(tokenizer, network, device, self.params, chunk=self.on_long_input == "chunk")
+
+    def load_front(self, model: ResolvedModel) -> _Runner | None:
+        if model.gguf_file is not None:
+            return None
+        import torch
+        from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoTokenizer
+
+        pinned = {"revision": model.revision} if model.revision is not None else {}
+        trust = model.trust_remote_code
+        tokenizer = AutoTokenizer.from_pretrained(model.model, trust_remote_code=trust, **pinned)
+        if not tokenizer.is_fast:
+            return None  # load() names the problem
+        config = AutoConfig.from_pretrained(model.model, trust_remote_code=trust, **pinned)
+        with torch.device("meta"):  # the config and forward signature, no weights
+            network = AutoModelForQuestionAnswering.from_config(config, trust_remote_code=trust)
+        return _Runner(tokenizer, network, "meta", self.params, chunk=self.on_long_input == "chunk")
 
 
 def _pair(question: Any, context: Any) -> tuple[str, str] | InvalidInput:
@@ -283,46 +301,39 @@ class _Runner:
     # -- infer: one padded forward pass over every window of a micro-batch ------------
 
     def infer(self, rows: list[_Row]) -> list[tuple]:
+        return self.decode(rows, self.forward(self.collate(rows)))
+
+    def collate(self, rows: list[_Row]) -> dict[str, np.ndarray]:
         windows = [w for row in rows for w in row.windows]
-        start_logits, end_logits = self._forward(windows)
+        types = [w.token_type_ids for w in windows] if self.with_token_types else None
+        # Right padding whatever the tokenizer's side: each window keeps the positions
+        # it had unpadded, as 4.x ran it.
+        return pad_ids(self.tokenizer, [w.input_ids for w in windows], types=types, right=True)
+
+    def forward(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            output = self.model(**to_model(batch, self.device), **self.forward_kwargs)
+        return {
+            "start": output.start_logits.float().cpu().numpy(),
+            "end": output.end_logits.float().cpu().numpy(),
+        }
+
+    def decode(self, rows: list[_Row], outputs: dict[str, np.ndarray]) -> list[tuple]:
+        starts, ends = outputs["start"], outputs["end"]
         results = []
         at = 0
         for row in rows:
-            count = len(row.windows)
-            answers = self._answers(row, start_logits[at : at + count], end_logits[at : at + count])
-            at += count
+            lengths = [len(w.input_ids) for w in row.windows]
+            answers = self._answers(
+                row,
+                [starts[at + i, :n] for i, n in enumerate(lengths)],
+                [ends[at + i, :n] for i, n in enumerate(lengths)],
+            )
+            at += len(lengths)
             results.append(self._fields(answers))
         return results
-
-    def _forward(self, windows: list[_Window]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        import torch
-
-        width = max(len(w.input_ids) for w in windows)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(windows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(windows), width), dtype=torch.long)
-        types = torch.zeros((len(windows), width), dtype=torch.long)
-        # Right padding whatever the tokenizer's side: each window keeps the positions
-        # it had unpadded, as 4.x ran it.
-        for row, window in enumerate(windows):
-            length = len(window.input_ids)
-            ids[row, :length] = torch.tensor(window.input_ids, dtype=torch.long)
-            mask[row, :length] = 1
-            if window.token_type_ids is not None:
-                types[row, :length] = torch.tensor(window.token_type_ids, dtype=torch.long)
-        inputs = {"input_ids": ids, "attention_mask": mask}
-        if self.with_token_types:
-            inputs["token_type_ids"] = types
-        inputs = {key: value.to(self.device) for key, value in inputs.items()}
-        with torch.inference_mode():
-            output = self.model(**inputs, **self.forward_kwargs)
-        starts = output.start_logits.float().cpu().numpy()
-        ends = output.end_logits.float().cpu().numpy()
-        lengths = [len(w.input_ids) for w in windows]
-        return (
-            [starts[i, :n] for i, n in enumerate(lengths)],
-            [ends[i, :n] for i, n in enumerate(lengths)],
-        )
 
     def _answers(self, row: _Row, starts: list[np.ndarray], ends: list[np.ndarray]) -> list[dict]:
         params = self.params

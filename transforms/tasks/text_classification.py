@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Annotated, Literal
 
+import numpy as np
 import pyarrow as pa
 from pydantic import Field, StrictInt
 
@@ -14,8 +15,10 @@ from transforms.tasks.base import (
     Params,
     TaskAdapter,
     encode_texts,
+    front_pipeline,
     model_max_length,
-    pad_batch,
+    pad_ids,
+    to_model,
 )
 
 __all__ = ["TextClassification", "TextClassificationParams"]
@@ -63,6 +66,14 @@ class TextClassification(TaskAdapter):
         pipe.model = place_model(pipe.model, device, dtype)
         return _Runner(pipe, device, self.params)
 
+    def load_front(self, model: ResolvedModel) -> _Runner | None:
+        if model.gguf_file is not None:
+            return None
+        from transformers import AutoModelForSequenceClassification
+
+        pipe = front_pipeline("text-classification", model, AutoModelForSequenceClassification)
+        return _Runner(pipe, "meta", self.params)
+
 
 class _Runner:
     def __init__(self, pipe, device: str, params: TextClassificationParams):
@@ -86,22 +97,33 @@ class _Runner:
         return len(item.input_ids)
 
     def infer(self, items: list[Encoded]) -> list[tuple]:
+        return self.decode(items, self.forward(self.collate(items)))
+
+    def collate(self, items: list[Encoded]) -> dict[str, np.ndarray]:
+        return pad_ids(self.pipe.tokenizer, [item.input_ids for item in items])
+
+    def forward(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
         with torch.inference_mode():
-            logits = self.pipe.model(**pad_batch(self.pipe.tokenizer, items, self.device)).logits
-        logits = logits.float().cpu()
+            logits = self.pipe.model(**to_model(batch, self.device)).logits
+        return {"logits": logits.float().cpu().numpy()}
+
+    def decode(self, items: list[Encoded], outputs: dict[str, np.ndarray]) -> list[tuple]:
+        import torch
+
+        logits = torch.from_numpy(outputs["logits"])
         results = []
         for row in range(len(items)):
-            outputs = {"logits": logits[row : row + 1]}
+            one = {"logits": logits[row : row + 1]}
             if self.top_k == 1:
-                best = self.pipe.postprocess(outputs, top_k=1, **self.postprocess_params)
+                best = self.pipe.postprocess(one, top_k=1, **self.postprocess_params)
                 results.append((best["label"], best["score"]))
             else:
                 # `_legacy=False` is what the pipeline passes when a caller gives top_k:
                 # every label scored, sorted best first, cut to top_k (None keeps all).
                 ranked = self.pipe.postprocess(
-                    outputs, top_k=self.top_k, _legacy=False, **self.postprocess_params
+                    one, top_k=self.top_k, _legacy=False, **self.postprocess_params
                 )
                 results.append(([r["label"] for r in ranked], [r["score"] for r in ranked]))
         return results

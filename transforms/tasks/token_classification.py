@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
@@ -15,8 +16,10 @@ from transforms.tasks.base import (
     Params,
     TaskAdapter,
     encode_texts,
+    front_pipeline,
     model_max_length,
-    pad_batch,
+    pad_ids,
+    to_model,
 )
 
 __all__ = ["ENTITY_TYPE", "TokenClassification", "TokenClassificationParams"]
@@ -78,6 +81,16 @@ class TokenClassification(TaskAdapter):
         pipe.model = place_model(pipe.model, device, dtype)
         return _Runner(pipe, device, self.params, chunk=self.on_long_input == "chunk")
 
+    def load_front(self, model: ResolvedModel) -> _Runner | None:
+        if model.gguf_file is not None:
+            return None
+        from transformers import AutoModelForTokenClassification
+
+        pipe = front_pipeline("token-classification", model, AutoModelForTokenClassification)
+        if not pipe.tokenizer.is_fast:
+            return None  # load() names the problem
+        return _Runner(pipe, "meta", self.params, chunk=self.on_long_input == "chunk")
+
 
 # Per-token tokenizer outputs the pipeline's entity aggregation needs.
 _PER_TOKEN = ("offset_mapping", "special_tokens_mask")
@@ -137,21 +150,35 @@ class _Runner:
         return len(item.windows) * max(len(w.input_ids) for w in item.windows)
 
     def infer(self, items: list[_Row]) -> list[tuple]:
+        return self.decode(items, self.forward(self.collate(items)))
+
+    def collate(self, items: list[_Row]) -> dict[str, np.ndarray]:
+        windows = [window.input_ids for item in items for window in item.windows]
+        return pad_ids(self.pipe.tokenizer, windows)
+
+    def forward(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        windows = [window for item in items for window in item.windows]
         with torch.inference_mode():
-            inputs = pad_batch(self.pipe.tokenizer, windows, self.device)
-            logits = self.pipe.model(**inputs).logits.float().cpu()
+            logits = self.pipe.model(**to_model(batch, self.device)).logits
+        return {"logits": logits.float().cpu().numpy()}
+
+    def decode(self, items: list[_Row], outputs: dict[str, np.ndarray]) -> list[tuple]:
+        import torch
+
+        logits = torch.from_numpy(outputs["logits"])
+        right = self.pipe.tokenizer.padding_side != "left"
+        width = logits.shape[1]
         results = []
         position = 0
         for item in items:
-            outputs = []
+            windows = []
             for window in item.windows:
                 length = len(window.input_ids)
-                outputs.append(
+                span = slice(0, length) if right else slice(width - length, width)
+                windows.append(
                     {
-                        "logits": logits[position : position + 1, :length],
+                        "logits": logits[position : position + 1, span],
                         "input_ids": torch.tensor([window.input_ids]),
                         "offset_mapping": torch.tensor([window.extra["offset_mapping"]]),
                         "special_tokens_mask": torch.tensor([window.extra["special_tokens_mask"]]),
@@ -163,7 +190,7 @@ class _Runner:
             # The pipeline's own aggregation, including its merge of entities that
             # overlapping windows both found.
             entities = self.pipe.postprocess(
-                outputs, aggregation_strategy=self.strategy, ignore_labels=self.ignore_labels
+                windows, aggregation_strategy=self.strategy, ignore_labels=self.ignore_labels
             )
             results.append(([_entity(e) for e in entities],))
         return results

@@ -9,11 +9,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import pyarrow as pa
 from pydantic import Field, StrictBool, field_validator
 
 from transforms.models import ResolvedModel, load_pipeline, place_model
-from transforms.tasks.base import Encoded, Params, TaskAdapter, model_max_length
+from transforms.tasks.base import (
+    Encoded,
+    Params,
+    TaskAdapter,
+    front_pipeline,
+    model_max_length,
+    pad_ids,
+    to_model,
+)
 
 __all__ = ["ZeroShotClassification", "ZeroShotClassificationParams"]
 
@@ -90,6 +99,14 @@ class ZeroShotClassification(TaskAdapter):
         pipe.model = place_model(pipe.model, device, dtype)
         return _Runner(pipe, device, self.params)
 
+    def load_front(self, model: ResolvedModel) -> _Runner | None:
+        if model.gguf_file is not None:
+            return None
+        from transformers import AutoModelForSequenceClassification
+
+        pipe = front_pipeline("zero-shot-classification", model, AutoModelForSequenceClassification)
+        return _Runner(pipe, "meta", self.params)
+
 
 class _Runner:
     def __init__(self, pipe, device: str, params: ZeroShotClassificationParams):
@@ -138,17 +155,31 @@ class _Runner:
         return len(item.input_ids) * max(len(pair) for pair in item.input_ids)
 
     def infer(self, items: list[Encoded]) -> list[tuple]:
+        return self.decode(items, self.forward(self.collate(items)))
+
+    def collate(self, items: list[Encoded]) -> dict[str, np.ndarray]:
+        pairs = [pair for item in items for pair in item.input_ids]
+        if not self.use_token_types:
+            return pad_ids(self.pipe.tokenizer, pairs)
+        # Premise and hypothesis segments: BERT-style NLI models read them.
+        types = [t for item in items for t in item.extra["token_type_ids"]]
+        return pad_ids(self.pipe.tokenizer, pairs, types=types)
+
+    def forward(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            logits = self.pipe.model(**to_model(batch, self.device)).logits
+        return {"logits": logits.float().cpu().numpy()}
+
+    def decode(self, items: list[Encoded], outputs: dict[str, np.ndarray]) -> list[tuple]:
         import torch
 
         n = len(self.labels)
-        pairs = [pair for item in items for pair in item.input_ids]
-        types = [t for item in items for t in item.extra.get("token_type_ids", ())]
-        with torch.inference_mode():
-            logits = self.pipe.model(**self._pad(pairs, types)).logits
-        logits = logits.float().cpu()
+        logits = torch.from_numpy(outputs["logits"])
         results = []
         for row, item in enumerate(items):
-            outputs = [
+            pairs = [
                 {
                     "candidate_label": label,
                     "sequence": item.text,
@@ -156,28 +187,6 @@ class _Runner:
                 }
                 for i, label in enumerate(self.labels)
             ]
-            ranked = self.pipe.postprocess(outputs, multi_label=self.params.multi_label)
+            ranked = self.pipe.postprocess(pairs, multi_label=self.params.multi_label)
             results.append((ranked["labels"], ranked["scores"]))
         return results
-
-    def _pad(self, pairs: list[list[int]], types: list[list[int]]) -> dict:
-        import torch
-
-        tokenizer = self.pipe.tokenizer
-        width = max(len(ids) for ids in pairs)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(pairs), width), dtype=torch.long)
-        token_types = torch.zeros((len(pairs), width), dtype=torch.long)
-        right = tokenizer.padding_side != "left"
-        for row, pair in enumerate(pairs):
-            span = slice(0, len(pair)) if right else slice(width - len(pair), width)
-            ids[row, span] = torch.tensor(pair, dtype=torch.long)
-            mask[row, span] = 1
-            if types:
-                token_types[row, span] = torch.tensor(types[row], dtype=torch.long)
-        inputs = {"input_ids": ids, "attention_mask": mask}
-        if types:
-            # Premise and hypothesis segments: BERT-style NLI models read them.
-            inputs["token_type_ids"] = token_types
-        return {key: value.to(self.device) for key, value in inputs.items()}

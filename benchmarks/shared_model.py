@@ -1,0 +1,207 @@
+"""The model server's CPU time per row: whole chunks in the server against forward passes only.
+
+    python -m benchmarks.shared_model [--rows 2000] [--rounds 2] [--model sentiment|tiny]
+
+With `share_model: machine` one process serves the model to every SDK process through
+Beam's `MultiProcessShared`. This starts such a server for sentiment with the
+distilbert-base-shaped model of benchmarks/throughput.py and sends it the same rows
+(two sentences of Python's reference prose each, chunks of 512) five ways:
+  server runs chunks:        the server tokenizes, runs and decodes (before the split);
+  forward only:              this process tokenizes, collates and decodes (the front)
+                             and the server runs forward passes only, overlapped;
+  forward only, sequential:  the same without the overlap;
+  in process (+ overlapped): no server, the model in this process, for reference.
+For each: rows/s, and CPU seconds per 1,000 rows of the server process (utime + stime
+from /proc/<pid>/stat) and of this one. Best of `--rounds`. Results, with the CPU's
+flags, to benchmarks/results/shared_model.json (`--model tiny`: shared_model-tiny.json).
+On CPU a distilbert-base forward pass is nearly all of a row's cost; `--model tiny`
+stands for a GPU, where tokenizing and decoding cost as much as the forward pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+RESULTS = Path(__file__).parent / "results" / "shared_model.json"
+TINY = Path(__file__).parent / "models" / "tiny-text-classification"
+CHUNK = 512
+BUDGET = 2048
+
+
+def _task(model: str):
+    from transforms.inference import TaskBinding
+    from transforms.models import resolve_model
+    from transforms.tasks.text_classification import TextClassification
+
+    return TaskBinding(TextClassification("t"), resolve_model(model), device="cpu", dtype="fp32")
+
+
+class _Server:
+    """The served model, plus its process id for reading its CPU time."""
+
+    def __init__(self, model: str):
+        from transforms.inference import load_task
+
+        self.loaded = load_task(_task(model))
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def placement(self):
+        return self.loaded.placement()
+
+    def forward(self, batch):
+        return self.loaded.forward(batch)
+
+    def run_measured(self, inputs, max_batch_tokens, timeout_s=None, *, dedup=False):
+        return self.loaded.run_measured(inputs, max_batch_tokens, timeout_s, dedup=dedup)
+
+
+def _serve(model: str):
+    return _Server(model)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _run(model_like, chunks: list[list]) -> float:
+    started = time.perf_counter()
+    for inputs in chunks:
+        model_like.run_measured(inputs, BUDGET)
+    return time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Runs the measurements, prints them and writes the results file."""
+    import functools
+
+    from apache_beam.utils.multi_process_shared import MultiProcessShared
+
+    from benchmarks.corpus import sentence_pairs
+    from benchmarks.dedup import cpu
+    from benchmarks.report import machine
+    from benchmarks.throughput import build_model
+    from transforms.inference import load_task
+    from transforms.model_server import with_local_front
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=2000, help="rows per way (default 2000)")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each way (default 2)")
+    parser.add_argument(
+        "--model",
+        default="sentiment",
+        help="'sentiment' (distilbert-base shape, default) or 'tiny': the tiny test model, "
+        "whose forward pass costs about what tokenizing does, as a GPU's does",
+    )
+    parser.add_argument("--output", help="where to write the results")
+    args = parser.parse_args(argv)
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    model = str(build_model("sentiment") if args.model == "sentiment" else TINY)
+    task = _task(model)
+    texts = sentence_pairs(args.rows)
+    rows = task.adapter.row_inputs({"text": texts})
+    chunks = [rows[i : i + CHUNK] for i in range(0, len(rows), CHUNK)]
+
+    # A server process of its own, so its CPU time is the server's alone (in a job, the
+    # first SDK process to ask hosts the server beside its own work).
+    server = MultiProcessShared(
+        functools.partial(_serve, model),
+        tag=f"beam-enrich-bench-{os.getpid()}",
+        always_proxy=True,
+        spawn_process=True,
+    ).acquire()
+    server_pid = server.pid()
+    assert server_pid != os.getpid()
+    front = with_local_front(task, server)
+    assert front is not server, "the sentiment front did not load"
+    local = load_task(task)
+    ways = {
+        "server runs chunks": lambda: server,
+        "forward only": lambda: _overlap(front, True),
+        "forward only, sequential": lambda: _overlap(front, False),
+        "in process": lambda: _overlap(local, False),
+        "in process, overlapped": lambda: _overlap(local, True),
+    }
+    _run(server, chunks[:1])  # warm both sides: first batches allocate
+    _run(_overlap(front, True), chunks[:1])
+    _run(local, chunks[:1])
+    measured: dict[str, list[dict]] = {}
+    for round_ in range(args.rounds):
+        for way, pick in ways.items():
+            model_like = pick()
+            server_before, own_before = cpu_seconds(server_pid), time.process_time()
+            seconds = _run(model_like, chunks)
+            server_cpu = cpu_seconds(server_pid) - server_before
+            own_cpu = time.process_time() - own_before
+            entry = {
+                "seconds": round(seconds, 3),
+                "rows_per_s": round(args.rows / seconds, 2),
+                "server_cpu_s_per_1000_rows": round(server_cpu * 1000 / args.rows, 3),
+                "caller_cpu_s_per_1000_rows": round(own_cpu * 1000 / args.rows, 3),
+            }
+            measured.setdefault(way, []).append(entry)
+            print(
+                f"round {round_ + 1} {way:26s} {entry['rows_per_s']:7.1f} rows/s  server CPU "
+                f"{entry['server_cpu_s_per_1000_rows']:6.2f} s/1000 rows  caller CPU "
+                f"{entry['caller_cpu_s_per_1000_rows']:6.2f} s/1000 rows",
+                flush=True,
+            )
+    best = {way: min(runs, key=lambda e: e["seconds"]) for way, runs in measured.items()}
+    before = best["server runs chunks"]["server_cpu_s_per_1000_rows"]
+    after = best["forward only"]["server_cpu_s_per_1000_rows"]
+    results = {
+        "machine": machine(),
+        "cpu": cpu(),
+        "settings": {**vars(args), "chunk_rows": CHUNK, "max_batch_tokens": BUDGET},
+        "model": (
+            "random-weight distilbert-base-uncased-finetuned-sst-2-english shape"
+            if args.model == "sentiment"
+            else "tiny test model (benchmarks/models/tiny-text-classification)"
+        ),
+        "runs": measured,
+        "best": best,
+        "server_cpu_after_x_before": round(after / before, 3),
+        "overlap_x_sequential": {
+            "server": round(
+                best["forward only"]["rows_per_s"] / best["forward only, sequential"]["rows_per_s"],
+                3,
+            ),
+            "in_process": round(
+                best["in process, overlapped"]["rows_per_s"] / best["in process"]["rows_per_s"],
+                3,
+            ),
+        },
+    }
+    print(
+        f"\nserver CPU per row: forward only / whole chunks {results['server_cpu_after_x_before']}"
+        f"; overlap / sequential: {results['overlap_x_sequential']}"
+    )
+    default = RESULTS if args.model == "sentiment" else RESULTS.with_name("shared_model-tiny.json")
+    path = Path(args.output or default)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {path}")
+    return results
+
+
+def _overlap(model_like, on: bool):
+    model_like.overlap = on
+    return model_like
+
+
+if __name__ == "__main__":
+    main()
