@@ -26,7 +26,9 @@ from pipelines.manifest import RunContext, read_manifest
 from pipelines.output import check_output, finalize_run, lock_output, prepare_output
 from pipelines.progress import show_progress
 from pipelines.quality_gate import check_gate
+from pipelines.runners import MetricsProgress, resolve_runner, wait_for_job
 from pipelines.spec import load_spec
+from transforms import worker_models
 from transforms.enrich import EnrichTables
 from transforms.io import FORMATS, expand_inputs, neutralize_chunk_formulas
 from transforms.staging import WriteParts
@@ -126,7 +128,7 @@ def run(
     argv = list(sys.argv[1:] if argv is None else argv)
     args, beam_args = _run_parser().parse_known_args(argv)
     spec = load_spec(args.spec)
-    options = PipelineOptions(beam_args)
+    options = PipelineOptions(resolve_runner(beam_args))
     # Before any model loads: where the output goes must be writable and hold nothing
     # a run would wrongly delete. The lock is taken before anything there changes.
     output = check_output(args.output, expand_inputs(args.input))
@@ -157,21 +159,28 @@ def run(
             job = dataclasses.replace(job, bindings=bindings)
         pipeline = _make_pipeline(options)
         build(pipeline, job)
+        # Workers elsewhere cannot publish progress files here: the job's metrics tell it.
+        metrics = MetricsProgress() if progress_dir is None and not args.quiet else None
         progress = show_progress(
             progress_dir,
             [binding.name for binding in job.bindings],
             job.context.rows_total,
             quiet=args.quiet,
             interval_s=progress_interval_s,
+            read=metrics.read if metrics is not None else None,
         )
         try:
             with progress:
                 result = pipeline.run()
-                result.wait_until_finish()
+                if metrics is not None:
+                    metrics.attach(result)
+                wait_for_job(result, options, job.context.files_dir, quiet=args.quiet)
         finally:
             if progress_root is not None:
                 # Killed runs' folders go too: the lock keeps live runs off this output.
                 shutil.rmtree(progress_root, ignore_errors=True)
+            if runs_locally(job.context.runner):
+                worker_models.release_all()  # this process was the worker: models go
     _check_published_gate(job.context.output)
     return result
 

@@ -1,6 +1,7 @@
-"""Live progress of a local run, shown on the driver while the pipeline runs.
+"""Live progress of a run, shown on the driver while the pipeline runs.
 
-A background thread polls the folder the workers publish to (`transforms.progress`):
+A background thread polls the folder local workers publish to (`transforms.progress`),
+or, on cluster runners, the job's Beam metrics (`pipelines.runners.MetricsProgress`):
 on a terminal, one tqdm bar per task (rows done of total, rows/s, ETA); elsewhere
 (logs, CI, Airflow), one plain line per task every `interval_s` seconds and a final
 line per task when the run succeeds.
@@ -9,10 +10,11 @@ line per task when the run succeeds.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TextIO
 
 from tqdm import tqdm
@@ -32,6 +34,7 @@ def show_progress(
     quiet: bool = False,
     interval_s: float = 10.0,
     stream: TextIO | None = None,
+    read: Callable[[], Mapping[str, TaskProgress]] | None = None,
 ) -> contextlib.AbstractContextManager:
     """The progress display for a run, as a context manager around running it.
 
@@ -42,14 +45,16 @@ def show_progress(
         quiet: show nothing.
         interval_s: seconds between two plain lines when `stream` is not a terminal.
         stream: where to show it; default stderr.
+        read: where the counts come from instead of `progress_dir` (a job's Beam
+            metrics on runners whose workers cannot write to this machine's disk).
     """
-    if quiet or progress_dir is None:
+    if quiet or (progress_dir is None and read is None):
         return contextlib.nullcontext()
     stream = stream if stream is not None else sys.stderr
     isatty = getattr(stream, "isatty", None)
     bars = bool(isatty and isatty())
     return ProgressMonitor(
-        progress_dir, tasks, rows_total, bars=bars, interval_s=interval_s, stream=stream
+        progress_dir, tasks, rows_total, bars=bars, interval_s=interval_s, stream=stream, read=read
     )
 
 
@@ -57,25 +62,27 @@ class ProgressMonitor:
     """Polls a progress folder in a background thread and shows what it finds.
 
     Args:
-        progress_dir: the folder the workers publish to.
+        progress_dir: the folder the workers publish to (unused with `read`).
         tasks: the task names, in spec order.
         rows_total: the rows each task will enrich, or None.
         bars: tqdm bars (a terminal) instead of plain lines.
         interval_s: seconds between two plain lines.
         stream: where to write.
+        read: returns the counts so far, per task; default: read `progress_dir`.
     """
 
     def __init__(
         self,
-        progress_dir: str,
+        progress_dir: str | None,
         tasks: Sequence[str],
         rows_total: int | None,
         *,
         bars: bool,
         interval_s: float,
         stream: TextIO,
+        read: Callable[[], Mapping[str, TaskProgress]] | None = None,
     ):
-        self._dir = progress_dir
+        self._read = read if read is not None else functools.partial(read_progress, progress_dir)
         self._tasks = list(tasks)
         self._total = rows_total
         self._interval_s = interval_s
@@ -120,7 +127,7 @@ class ProgressMonitor:
             self._show(final=False)
 
     def _show(self, *, final: bool) -> None:
-        progress = read_progress(self._dir)
+        progress = self._read()
         for task in self._tasks:
             done = progress.get(task, TaskProgress())
             if self._bars:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import apache_beam as beam
 from apache_beam.utils import shared
 
+from transforms import worker_models
 from transforms.chunks import Chunk
 from transforms.inference import (
     LoadedModel,
@@ -67,10 +68,23 @@ class _EnrichDoFn(beam.DoFn):
             tag = "beam-enrich-" + hashlib.sha256(key.encode()).hexdigest()[:24]
             self._loaded = MultiProcessShared(self._load, tag=tag, always_proxy=True).acquire()
         else:
-            # One model per process, shared by the process's threads.
-            self._loaded = self._shared.acquire(self._load, tag=key)
+            # One model per process, shared by its threads and kept across teardown and
+            # setup: Beam's DaskRunner calls both around every partition. The Shared
+            # handle's key, made once per built pipeline, keeps each job's models apart
+            # (a model folder may change between two jobs of one process).
+            job_key = f"{self._shared._key}:{key}"
+            self._loaded, loaded = worker_models.acquire(job_key, self._load)
+            # Counted in the first bundle: runners that set DoFns up outside any bundle
+            # (FnApiRunner, portable workers) drop metrics updated in setup().
+            self._unreported_loads = int(loaded)
         if task.progress_dir is not None:
             self._progress = ProgressWriter.for_task(task.progress_dir, task.name)
+
+    def start_bundle(self):
+        if getattr(self, "_unreported_loads", 0):
+            name = f"{self._task.name}_model_loads"
+            beam.metrics.Metrics.counter(METRICS_NAMESPACE, name).inc(self._unreported_loads)
+            self._unreported_loads = 0
 
     def _record_batch(self, rows: int, padded_tokens: int) -> None:
         self._batch_rows.update(rows)
