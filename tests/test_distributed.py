@@ -327,6 +327,31 @@ def test_dask_workers_that_cannot_start_fail_the_run_in_bounded_time(tmp_path, j
     assert not (tmp_path / "out").exists()
 
 
+def test_a_crash_in_setup_on_a_dask_worker_fails_the_run(tmp_path, job, capsys):
+    """The driver reports the worker's error and returns; it does not wait on the cluster."""
+    # The preload makes every model load on this worker raise, as a broken model would.
+    crash = tmp_path / "crash_in_setup.py"
+    crash.write_text(
+        "import transforms.enrich\n"
+        "def load_task(task):\n"
+        "    raise RuntimeError('model load crashed on the worker')\n"
+        "transforms.enrich.load_task = load_task\n"
+    )
+    cluster = _DaskCluster()
+    try:
+        cluster.add_worker("--preload", str(crash))
+        cluster.wait_for_workers(1)
+        argv = [*job, f"--output={tmp_path / 'out'}", "--runner=dask", "--quiet"]
+        assert main([*argv, f"--dask_client_address={cluster.address}"]) == 1
+    finally:
+        cluster.stop()
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(
+        "beam-enrich: error: the run failed (RuntimeError: model load crashed on the worker)"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_portable_runner_gives_the_in_process_output(
     tmp_path, job, reference, job_service, worker_pool
 ):
