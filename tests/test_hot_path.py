@@ -63,14 +63,19 @@ class FakeProxy:
 
     def __init__(self, loaded):
         self._loaded = loaded
-        self.forwards = 0
+        self.calls = []
 
     def placement(self):
         return self._loaded.placement()
 
     def forward(self, batch):
-        self.forwards += 1
+        self.calls.append(1)
         answer = self._loaded.forward(pickle.loads(pickle.dumps(batch)))
+        return pickle.loads(pickle.dumps(answer))
+
+    def forward_many(self, batches):
+        self.calls.append(len(batches))
+        answer = self._loaded.forward_many(pickle.loads(pickle.dumps(batches)))
         return pickle.loads(pickle.dumps(answer))
 
     def run_measured(self, *args, **kwargs):
@@ -119,7 +124,8 @@ def test_served_model_gets_forward_passes_only_and_gives_the_same_rows(
     budget = 64 if family == "fill-mask" else 300  # several micro-batches each
     served = local.run_measured(inputs, budget)
     direct = loaded.run_measured(inputs, budget)
-    assert proxy.forwards == len(served.batches) > 1
+    # One call per chunk, holding every micro-batch.
+    assert proxy.calls == [len(served.batches)] and len(served.batches) > 1
     assert served.errors == direct.errors
     assert served.results == direct.results
     assert served.truncated == direct.truncated

@@ -46,6 +46,9 @@ class _ServedRunner:
     def forward(self, batch: dict) -> dict:
         return self.server.forward(batch)
 
+    def forward_many(self, batches: list[dict]) -> list:
+        return self.server.forward_many(batches)
+
     def decode(self, items: list, outputs: dict) -> list[tuple]:
         return self.front.decode(items, outputs)
 
@@ -90,9 +93,5 @@ def _load_front(task: TaskBinding, server: Any) -> LoadedModel | None:
     if front is None:
         return None
     device, dtype = server.placement()
-    # Collating and decoding while the server runs the last batch pays where the server
-    # waits for its callers: a GPU's forward pass takes a few milliseconds. On CPU the
-    # forward pass is over 99 % of the work and the overlap measured no faster
-    # (benchmarks/shared_model.py), so batches go one after the other there.
-    overlap = device.startswith("cuda")
-    return LoadedModel(_ServedRunner(front, server), device, dtype, overlap=overlap)
+    # A chunk's micro-batches go to the server in one call (`LoadedModel.forward_many`).
+    return LoadedModel(_ServedRunner(front, server), device, dtype)
