@@ -51,7 +51,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.corpus import paragraphs
+from benchmarks.corpus import paragraphs, sentence_pairs
 from benchmarks.flops import encoder_flops, peak_flops
 from transforms.batching import max_batch_tokens_for
 
@@ -592,6 +592,9 @@ def main() -> None:
         # Compiled kernels are cached on disk across processes: start from an empty cache.
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(workdir / "inductor-cache")
         texts = paragraphs(args.rows)
+        if len(texts) < args.rows:
+            # About 1,000 paragraphs exist; distinct pairs of their sentences top them up.
+            texts += sentence_pairs(args.rows - len(texts))
         if tasks:
             print(f"{len(texts)} paragraphs")
         for task in tasks:
