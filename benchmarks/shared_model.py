@@ -60,6 +60,9 @@ class _Server:
     def forward(self, batch):
         return self.loaded.forward(batch)
 
+    def forward_many(self, batches):
+        return self.loaded.forward_many(batches)
+
     def run_measured(self, inputs, max_batch_tokens, timeout_s=None, *, dedup=False):
         return self.loaded.run_measured(inputs, max_batch_tokens, timeout_s, dedup=dedup)
 
