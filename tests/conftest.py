@@ -10,6 +10,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,3 +72,14 @@ def sentiment_ner_spec(models: dict, **top) -> dict:
             {"name": "entities", "task": "ner", "model": str(models["token-classification"])},
         ],
     }
+
+
+def read_local_parts(output: Path) -> pa.Table:
+    """A local output's part files, concatenated in name order.
+
+    Here, not in a test module: a test module imported by another one would be loaded
+    twice (as `test_x` by pytest and as `tests.test_x`), defining its classes twice.
+    """
+    parts = sorted(output.glob("part-*.parquet"))
+    assert parts, f"no part files in {output}"
+    return pa.concat_tables(pq.read_table(part) for part in parts)

@@ -27,8 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.cli import main
-from tests.conftest import SAMPLE_DATA, sentiment_ner_spec
-from tests.test_runners import read_local_parts
+from tests.conftest import SAMPLE_DATA, read_local_parts, sentiment_ner_spec
 
 distributed = pytest.importorskip("distributed")
 

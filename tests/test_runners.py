@@ -27,7 +27,7 @@ from pipelines.cli import main
 from pipelines.enrich import build
 from pipelines.job import prepare_job
 from pipelines.spec import load_spec
-from tests.conftest import SAMPLE_DATA, sentiment_ner_spec
+from tests.conftest import SAMPLE_DATA, read_local_parts, sentiment_ner_spec
 from transforms.chunks import Chunk
 from transforms.io import iter_tables
 
@@ -65,12 +65,6 @@ def assert_same_results(actual: pa.Table, expected: pa.Table) -> None:
         assert [{**e, "score": None} for e in got_row] == [{**e, "score": None} for e in want_row]
         for got, want in zip(got_row, want_row, strict=True):
             assert math.isclose(got["score"], want["score"], abs_tol=1e-4)
-
-
-def read_local_parts(output: Path) -> pa.Table:
-    parts = sorted(output.glob("part-*.parquet"))
-    assert parts, f"no part files in {output}"
-    return pa.concat_tables(pq.read_table(part) for part in parts)
 
 
 def test_worker_processes_give_the_in_process_result(tmp_path, tiny_models, monkeypatch):
