@@ -83,3 +83,18 @@ def read_local_parts(output: Path) -> pa.Table:
     parts = sorted(output.glob("part-*.parquet"))
     assert parts, f"no part files in {output}"
     return pa.concat_tables(pq.read_table(part) for part in parts)
+
+
+class EchoRunner:
+    """Upper-cases its rows; a row's cost is its length; rows holding "BOOM" raise."""
+
+    def prepare(self, texts):
+        return list(texts)
+
+    def cost(self, item):
+        return len(item)
+
+    def infer(self, items):
+        if any("BOOM" in item for item in items):
+            raise RuntimeError("model exploded")
+        return [(item.upper(),) for item in items]

@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from tests.conftest import EchoRunner
 from transforms.dedup import ResultCache, input_key
 from transforms.inference import LoadedModel, TaskBinding, apply_task, run_rows
 from transforms.models import resolve_model
@@ -20,23 +21,16 @@ from transforms.tasks.token_classification import TokenClassification
 BUDGET = 400
 
 
-class CountingRunner:
-    """Upper-cases rows, remembers every row it ran; rows holding "BOOM" raise."""
+class CountingRunner(EchoRunner):
+    """An `EchoRunner` that remembers every row it ran."""
 
     def __init__(self):
         self.ran: list[str] = []
 
-    def prepare(self, texts):
-        return list(texts)
-
-    def cost(self, item):
-        return len(item)
-
     def infer(self, items):
-        if any("BOOM" in item for item in items):
-            raise RuntimeError("model exploded")
+        outputs = super().infer(items)
         self.ran.extend(items)
-        return [(item.upper(),) for item in items]
+        return outputs
 
 
 def test_input_keys_are_equal_for_equal_inputs_only():

@@ -19,7 +19,7 @@ from pipelines.cli import main
 from pipelines.enrich import run
 from pipelines.job import _rows_to_enrich
 from pipelines.progress import ProgressMonitor, show_progress
-from tests.conftest import SAMPLE_DATA
+from tests.conftest import SAMPLE_DATA, EchoRunner
 from transforms.batching import plan_batches
 from transforms.chunks import Chunk
 from transforms.enrich import METRICS_NAMESPACE, EnrichTables
@@ -28,21 +28,6 @@ from transforms.models import resolve_model
 from transforms.progress import ProgressWriter, TaskProgress, read_progress
 from transforms.tasks.base import check_text
 from transforms.tasks.text_classification import TextClassification, TextClassificationParams
-
-
-class EchoRunner:
-    """Upper-cases its rows; a row's cost is its length; rows holding "BOOM" raise."""
-
-    def prepare(self, texts):
-        return list(texts)
-
-    def cost(self, item):
-        return len(item)
-
-    def infer(self, items):
-        if any("BOOM" in item for item in items):
-            raise RuntimeError("model exploded")
-        return [(item.upper(),) for item in items]
 
 
 def test_run_task_reports_each_planned_micro_batch_and_keeps_its_results():
