@@ -282,18 +282,33 @@ def test_a_dask_cluster_gives_the_in_process_output(tmp_path, job, reference, da
 
 
 def test_a_dask_worker_killed_mid_run(tmp_path, job, reference):
-    """A worker SIGKILLed after staging a part: Dask reruns what it lost on the other one;
-    every row is there once, `errors.jsonl` has no duplicate, values are unchanged."""
+    """A worker SIGKILLed after staging a part: Dask reruns what it lost on another one;
+    every row is there once, `errors.jsonl` has no duplicate, values are unchanged.
+
+    The doomed worker starts alone, so it surely reaches its second staged part whatever
+    the machine's speed; the healthy worker joins once it is dead, and the scheduler hands
+    it the lost and the remaining work items.
+    """
     cluster = _DaskCluster()
-    try:
-        doomed = cluster.add_worker(BEAM_ENRICH_KILL_AT="staged:2")
+    doomed = cluster.add_worker(BEAM_ENRICH_KILL_AT="staged:2")
+    died: list[int] = []
+
+    def replace_when_dead() -> None:
+        died.append(doomed.process.wait())
         cluster.add_worker()
-        cluster.wait_for_workers(2)
+
+    replacer = threading.Thread(target=replace_when_dead, daemon=True)
+    try:
+        cluster.wait_for_workers(1)
+        replacer.start()
         output = tmp_path / "dask"
         argv = [*job, f"--output={output}", "--runner=DaskRunner", "--quiet"]
         assert main([*argv, f"--dask_client_address={cluster.address}"]) == 0
-        assert doomed.process.wait(timeout=START_TIMEOUT_S) == -signal.SIGKILL
+        assert died == [-signal.SIGKILL]
     finally:
+        doomed.stop()
+        if replacer.ident is not None:  # started: it adds its worker, then ends
+            replacer.join()
         cluster.stop()
     _assert_same_output(output, reference)
 
