@@ -35,7 +35,7 @@ from pipelines.job import prepare_job, runner_name
 from pipelines.manifest import MANIFEST, manifest_schema, read_manifest
 from pipelines.output import output_state, published_run_id
 from pipelines.quality_gate import QualityGateError
-from pipelines.runners import model_loads, resolve_runner
+from pipelines.runners import resolve_runner
 from pipelines.spec import JobSpec, SpecError, load_spec
 from transforms.errors import JobError
 from transforms.hub_download import fetch_snapshot
@@ -239,9 +239,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     """`beam-enrich [run]`: one job, run and waited for; a summary line when it is done."""
     beam_args = parser().parse_known_args(["run", *argv])[1]
     with _errors_only(beam_args) if args.quiet else contextlib.nullcontext():
-        result = run(argv)
+        run(argv)
     if not args.quiet:
-        _print_summary(args.output, model_loads(result))
+        _print_summary(args.output)
     return 0
 
 
@@ -400,7 +400,7 @@ def _make_test_models(args: argparse.Namespace, _: list[str]) -> int:
     return 0
 
 
-def _print_summary(output: str, loads: dict[str, int] | None = None) -> None:
+def _print_summary(output: str) -> None:
     # A runner that returns before the job ends (Dataflow without waiting) has no
     # manifest yet; then there is nothing to summarize.
     manifest = read_manifest(output)
@@ -410,7 +410,9 @@ def _print_summary(output: str, loads: dict[str, int] | None = None) -> None:
     failed = ", ".join(f"{task} {n}" for task, n in manifest.rows.failed.items())
     # From the job's Beam metrics, where the runner reports them: how many worker
     # processes loaded each model (once each, however many bundles they ran).
-    loaded = ", ".join(f"{task} {n}" for task, n in (loads or {}).items())
+    loaded = ", ".join(
+        f"{task.name} {task.model_loads}" for task in manifest.tasks if task.model_loads is not None
+    )
     print(
         f"beam-enrich: {manifest.rows.out} rows written to {output} "
         f"({len(manifest.output.files)} {manifest.output.format} part file(s)); "

@@ -23,10 +23,16 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from pipelines.job import Job, common_schema, dt_run_id, prepare_job
 from pipelines.manifest import RunContext, read_manifest
-from pipelines.output import check_output, finalize_run, lock_output, prepare_output
+from pipelines.output import (
+    check_output,
+    finalize_run,
+    lock_output,
+    prepare_output,
+    record_model_loads,
+)
 from pipelines.progress import show_progress
 from pipelines.quality_gate import check_gate
-from pipelines.runners import MetricsProgress, resolve_runner, wait_for_job
+from pipelines.runners import MetricsProgress, model_loads, resolve_runner, wait_for_job
 from pipelines.spec import load_spec
 from transforms import worker_models
 from transforms.enrich import EnrichTables
@@ -181,6 +187,7 @@ def run(
                 shutil.rmtree(progress_root, ignore_errors=True)
             if runs_locally(job.context.runner):
                 worker_models.release_all()  # this process was the worker: models go
+        record_model_loads(job.context.output, model_loads(result))
     _check_published_gate(job.context.output)
     return result
 

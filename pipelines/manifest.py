@@ -11,7 +11,7 @@ import json
 import platform
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -154,6 +154,11 @@ class TaskRecord(TaskDescription):
     rows_per_second: float | None
     #: The task's output summary (`transforms.summaries`); None when the report failed.
     summary: dict[str, Any] | None = None
+    #: How many times worker processes loaded the task's model (once per process on
+    #: every runner), from the job's Beam metrics (`N_model_loads`), added by the driver
+    #: when the job has ended. None: the runner reports no metrics, or none of
+    #: beam-enrich's (nothing was read: `--resume` reused every work item).
+    model_loads: int | None = None
 
 
 class InputRecord(_Record):
@@ -223,6 +228,18 @@ class Manifest(_Record):
     def to_json(self) -> dict:
         """The manifest as JSON data, with the keys `manifest.json` has."""
         return self.model_dump(mode="json", by_alias=True)
+
+    def with_model_loads(self, loads: Mapping[str, int]) -> Manifest:
+        """This manifest with each task's `model_loads`: 0 for a task absent from `loads`.
+
+        Args:
+            loads: task name -> model loads, from the job's metrics
+                (`pipelines.runners.model_loads`).
+        """
+        tasks = [
+            task.model_copy(update={"model_loads": loads.get(task.name, 0)}) for task in self.tasks
+        ]
+        return self.model_copy(update={"tasks": tasks})
 
 
 def read_manifest(output: str) -> Manifest | None:

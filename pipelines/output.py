@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -27,6 +27,7 @@ from pipelines.manifest import (
     Manifest,
     RunContext,
     build_manifest,
+    read_manifest,
     staging_root,
 )
 from pipelines.report import REPORT, write_report
@@ -49,6 +50,7 @@ __all__ = [
     "output_state",
     "prepare_output",
     "published_run_id",
+    "record_model_loads",
 ]
 
 _MIME = "application/octet-stream"
@@ -551,6 +553,30 @@ def _add_report(
             update={"output": manifest.output.model_copy(update={"report": None})}
         )
     return manifest
+
+
+def record_model_loads(output: str, loads: Mapping[str, int] | None) -> None:
+    """Adds each task's model loads to the published manifest, on the driver.
+
+    The loads are known from the job's metrics once the job has ended, after its last
+    step wrote the manifest; the new manifest replaces the old one by a rename, so the
+    output stays marked complete throughout. Call it holding `lock_output`. Nothing
+    changes when `loads` is None (a runner without metrics) or there is no manifest (a
+    runner that returned before the job ended); a failure is logged, never raised: the
+    output is complete without the counts.
+    """
+    if loads is None:
+        return
+    try:
+        manifest = read_manifest(output)
+        if manifest is None:
+            return
+        # Beside the output, on the same filesystem: the rename is atomic locally.
+        temporary = FileSystems.join(staging_root(output), MANIFEST)
+        _write_json(temporary, manifest.with_model_loads(loads).to_json())
+        FileSystems.rename([temporary], [FileSystems.join(output, MANIFEST)])
+    except Exception:
+        _LOG.warning("beam-enrich: the manifest could not record model loads", exc_info=True)
 
 
 def _write_json(path: str, data: dict) -> None:

@@ -157,12 +157,23 @@ def _live_metrics(result):
     return result.metrics()
 
 
-def model_loads(result) -> dict[str, int]:
-    """Task -> how many times workers loaded its model, from the job's metrics; {} if none."""
+def model_loads(result) -> dict[str, int] | None:
+    """Task -> how many times worker processes loaded its model, from the job's metrics.
+
+    The one reader of the `N_model_loads` counters. A task without one loaded nothing
+    (all its work reused, no rows): it is absent here.
+
+    Returns:
+        None when the runner reports no metrics, or none of beam-enrich's: then nothing
+        is known about loads (not even that there were none).
+    """
     try:
         counters = _counters(result)
-    except Exception:
-        return {}
+    except Exception as err:  # a runner without metrics
+        _LOG.debug("no metrics: %s", err)
+        return None
+    if not counters:
+        return None
     return {
         name.removesuffix("_model_loads"): value
         for name, value in counters.items()

@@ -108,6 +108,7 @@ def test_parquet_end_to_end(tmp_path, tiny_models):
         assert task["resolved_revision"].startswith("sha256:")
         assert task["devices_used"] == ["cpu/fp32"]
         assert task["succeeded"] + task["failed"] == task["rows"] == 71
+        assert task["model_loads"] == 1  # in process: this process is the one worker
     # The pooling the model used, resolved from its files, is recorded beside the params.
     assert manifest["tasks"][2]["parameters"]["normalize"] is True
     assert manifest["tasks"][2]["parameters"]["pooling"] == "mean"

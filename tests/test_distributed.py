@@ -279,6 +279,10 @@ def test_a_dask_cluster_gives_the_in_process_output(tmp_path, job, reference, da
     assert _model_loads(captured.out) == {"sentiment": 2, "entities": 2}
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["runner"] == "pipelines.dask_runner.DaskRunner"
+    assert {t["name"]: t["model_loads"] for t in manifest["tasks"]} == {
+        "sentiment": 2,
+        "entities": 2,
+    }
 
 
 def test_a_dask_worker_killed_mid_run(tmp_path, job, reference):
