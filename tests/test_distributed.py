@@ -1,7 +1,8 @@
 """Real distributed engines on loopback: a Dask cluster and Beam's portable runner.
 
 Each engine runs in processes of its own, started and stopped here: a `dask scheduler`
-with two `dask worker` processes (one thread each), and Beam's job service with an
+with two `dask worker` processes (one thread each), and a portable job service
+(`pipelines.job_service`: Beam's, with `--sdk_worker_parallelism` honoured) with an
 external worker pool (the path Flink and Spark use for Python workers). Every run is
 compared with an in-process run of the same job: same rows, same values, same
 `errors.jsonl`, same manifest counts. A Dask worker SIGKILLs itself after staging a part
@@ -32,7 +33,7 @@ from tests.conftest import SAMPLE_DATA, read_local_parts, sentiment_ner_spec
 distributed = pytest.importorskip("distributed")
 
 START_TIMEOUT_S = 120
-_JOB_SERVICE = "apache_beam.runners.portability.local_job_service_main"
+_JOB_SERVICE = "pipelines.job_service"
 _WORKER_POOL = "apache_beam.runners.worker.worker_pool_main"
 BIN = Path(sys.executable).parent
 
@@ -157,7 +158,8 @@ def dask_cluster():
 
 @pytest.fixture(scope="module")
 def job_service():
-    """Beam's job service: runs portable jobs, asking a worker pool for SDK workers."""
+    """A portable job service: runs jobs on `--sdk_worker_parallelism` SDK workers of a
+    worker pool (Beam's own runs one whatever the job asks)."""
     service = _Service(
         [sys.executable, "-m", _JOB_SERVICE, "--port", "0"],
         _env(),
@@ -373,11 +375,24 @@ def test_a_crash_in_setup_on_a_dask_worker_fails_the_run(tmp_path, job, capsys):
 def test_the_portable_runner_gives_the_in_process_output(
     tmp_path, job, reference, job_service, worker_pool
 ):
+    """Two SDK workers of the pool share the work; each loads each model once.
+
+    The stage that reads and enriches work items gets its input from a reshuffle: its 7
+    work items (random keys) are dealt to the two workers in turn, so both enrich rows.
+    """
     output = tmp_path / "portable"
     argv = [*job, f"--output={output}", "--runner=PortableRunner", "--quiet"]
     argv += [f"--job_endpoint={job_service}", "--environment_type=EXTERNAL"]
-    assert main([*argv, f"--environment_config={worker_pool}"]) == 0
+    argv += [f"--environment_config={worker_pool}", "--sdk_worker_parallelism=2"]
+    assert main(argv) == 0
     _assert_same_output(output, reference)
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert {t["name"]: t["model_loads"] for t in manifest["tasks"]} == {
+        "sentiment": 2,
+        "entities": 2,
+    }
+    reference_manifest = json.loads((reference / "manifest.json").read_text())
+    assert [t["model_loads"] for t in reference_manifest["tasks"]] == [1, 1]
 
 
 def test_a_worker_pool_without_apache_beam_fails_the_run_in_bounded_time(
