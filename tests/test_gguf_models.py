@@ -86,3 +86,36 @@ def test_the_manifest_names_the_gguf_file_beside_its_folder_and_hash():
     assert description.model == resolved.model
     assert description.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert description.resolved_revision == resolved.resolved
+
+
+def test_a_gguf_header_is_read_once_per_load(tmp_path, monkeypatch):
+    """Inside `shared_gguf_readers` each unchanged file is parsed once, as transformers' four
+    readers of one load would otherwise parse it four times; outside, readers are fresh."""
+    import gguf
+
+    from transforms.gguf_reads import shared_gguf_readers
+
+    first, second, junk = tmp_path / "a.gguf", tmp_path / "b.gguf", tmp_path / "junk.gguf"
+    _write_gguf(first, "llama")
+    _write_gguf(second, "llama")
+    junk.write_bytes(b"not a gguf file at all")
+    parsed = []
+    parse = gguf.gguf_reader.GGUFReader.__init__
+    monkeypatch.setattr(
+        gguf.gguf_reader.GGUFReader,
+        "__init__",
+        lambda self, path, mode="r": (
+            parsed.append(os.path.basename(path)) or parse(self, path, mode)
+        ),
+    )
+    with shared_gguf_readers():
+        readers = [gguf.GGUFReader(first), gguf.GGUFReader(str(first)), gguf.GGUFReader(second)]
+        assert readers[0] is readers[1] and readers[0] is not readers[2]
+        assert parsed == ["a.gguf", "b.gguf"]
+        for _ in range(2):  # a file that fails is not kept: it fails each time
+            with pytest.raises(ValueError, match="GGUF magic invalid"):
+                gguf.GGUFReader(junk)
+        assert readers[0].fields["general.architecture"] is not None
+    outside = gguf.GGUFReader(first)
+    assert outside is not readers[0] and isinstance(outside, gguf.gguf_reader.GGUFReader)
+    assert parsed == ["a.gguf", "b.gguf", "junk.gguf", "junk.gguf", "a.gguf"]

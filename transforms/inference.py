@@ -20,6 +20,7 @@ import pyarrow as pa
 from transforms.batching import max_batch_tokens_for, plan_batches
 from transforms.chunks import ERRORS_COLUMN, ERRORS_TYPE, TaskStats
 from transforms.dedup import ResultCache, input_key
+from transforms.gguf_reads import shared_gguf_readers
 from transforms.models import (
     ResolvedModel,
     cached_snapshot,
@@ -596,7 +597,7 @@ def load_task(task: TaskBinding) -> LoadedModel:
     started = time.perf_counter()
 
     def load(model: ResolvedModel) -> Runner:
-        with compiling(task.compile):
+        with compiling(task.compile), shared_gguf_readers():
             return task.adapter.load(model, device, dtype)
 
     runner = None
