@@ -1,21 +1,27 @@
-"""Distributed engines side by side in one run: Dask with 1 vs 2 workers, and the same job
-on FnApiRunner (in process), Beam's portable runner and Dask.
+"""Distributed engines side by side in one run: Dask with 1 vs 2 workers, Beam's portable
+runner with 1 vs 2 SDK workers, and the same job on FnApiRunner (in process).
 
-    python -m benchmarks.distributed [--rows 2000] [--files 3] [--json FILE]
+    python -m benchmarks.distributed [--rows 2000] [--files 3] [--only PARTS] [--json FILE]
 
 The model has distilbert-base-uncased-finetuned-sst-2-english's shape (random weights,
 benchmarks/throughput.py); inputs are `--rows` rows of natural sentences, as (a) one
 Parquet file of 16 row groups and (b) `--files` files of 4 row groups each; every row
-group is one work item. Each Dask cluster is a `dask scheduler` and N `dask worker`
-processes with one thread each (and one torch thread: N workers share the cores), on
-loopback; the portable runner is Beam's job service with an external worker pool of
-`--sdk_worker_parallelism 2` workers. Every process here, the launcher of the in-process
-(FnApiRunner) run included, runs one torch thread (`OMP_NUM_THREADS=1`). Each engine
-first runs a 16-row job, so worker processes have imported torch and transformers before
-the timed run (a long-lived cluster has); the timed run still loads the model once per
-worker process.
+group is one work item. Parts (`--only`, comma-separated; default all):
+
+- `dask`: a `dask scheduler` and N `dask worker` processes with one thread each (and
+  one torch thread: N workers share the cores), on loopback, N = 1 then 2; then the
+  in-process run (FnApiRunner) of the one file.
+- `portable`: the portable runner with a job service (`pipelines.job_service`) and an
+  external worker pool, with `--sdk_worker_parallelism` 1 then 2, on both inputs.
+
+Every process here, the launcher of the in-process run included, runs one torch thread
+(`OMP_NUM_THREADS=1`). Each engine first runs a 16-row job, so Dask workers have
+imported torch and transformers before the timed run (a long-lived cluster has); the
+timed run still loads the model once per worker process. The portable job service
+starts new SDK workers for every job: its timed runs include their start.
 Rows/s is rows over the wall time of the whole run, from the driver. Results go to stdout
-and, with `--json`, to a file; record them in README with the CPU flags.
+and, with `--json`, to a file, which keeps the other parts' results (each part records
+the CPU it ran on); record them in README with the CPU flags.
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ def _dask(command: str, *args: str) -> list[str]:
     return [str(BIN / "dask"), command, *args, "--host", "127.0.0.1", "--no-dashboard"]
 
 
-_JOB_SERVICE = "apache_beam.runners.portability.local_job_service_main"
+_JOB_SERVICE = "pipelines.job_service"
 _WORKER_POOL = "apache_beam.runners.worker.worker_pool_main"
 
 
@@ -130,7 +136,6 @@ def _portable(logs: Path) -> Iterator[list[str]]:
             f"--job_endpoint=localhost:{found[1]}",
             "--environment_type=EXTERNAL",
             f"--environment_config=localhost:{port}",
-            "--sdk_worker_parallelism=2",
         ]
     finally:
         for process in processes:
@@ -169,65 +174,98 @@ def _run(inputs: list[Path], output: Path, spec: Path, runner: list[str]) -> flo
     return seconds
 
 
+_PARTS = ("dask", "portable")
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Runs the measurements; returns them (and prints each as it comes)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=2000, help="rows per input set")
     parser.add_argument("--files", type=int, default=3, help="files of the several-files set")
-    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument(
+        "--only",
+        default=",".join(_PARTS),
+        help=f"comma-separated parts to run, of {','.join(_PARTS)} (default: all)",
+    )
+    parser.add_argument(
+        "--json", help="also write the results to this file (other parts' results kept)"
+    )
     args = parser.parse_args(argv)
+    parts = set(args.only.split(","))
+    if not parts <= set(_PARTS):
+        parser.error(f"--only: unknown part(s) {sorted(parts - set(_PARTS))}; use {_PARTS}")
     spec_task = {
         "name": "sentiment",
         "task": "sentiment-analysis",
         "model": str(build_model("sentiment")),
     }
-    results: dict = {"cpu": _cpu(), "rows": args.rows, "runs": []}
+    results: dict = {}
     with tempfile.TemporaryDirectory(prefix="beam-enrich-distributed-") as scratch:
         work = Path(scratch)
         spec = work / "job.yaml"
         spec.write_text(json.dumps({"tasks": [spec_task]}))
         sets = _inputs(work, args.rows, args.files)
+        inputs = [name for name in sets if name != "warm"]
         runs = 0
 
-        def measure(engine: str, runner: list[str], names: list[str]) -> None:
+        def measure(engine: str, runner: list[str], names: list[str]) -> list[dict]:
             nonlocal runs
             runs += 1
             _run(sets["warm"], work / f"warm-{runs}", spec, runner)
+            entries = []
             for name in names:
                 runs += 1
                 seconds = _run(sets[name], work / f"out-{runs}", spec, runner)
                 entry = {"engine": engine, "input": name, "seconds": seconds}
                 entry["rows_per_s"] = args.rows / seconds
-                results["runs"].append(entry)
+                entries.append(entry)
                 speed = f"{seconds:7.1f} s | {entry['rows_per_s']:6.1f} rows/s"
                 print(f"{engine:>20} | {name:>8} | {speed}")
+            return entries
 
-        inputs = [name for name in sets if name != "warm"]
-        for workers in (1, 2):
-            logs = work / f"dask-{workers}"
+        if "dask" in parts:
+            results.update(cpu=_cpu(), rows=args.rows, runs=[])
+            for workers in (1, 2):
+                logs = work / f"dask-{workers}"
+                logs.mkdir()
+                with _dask_cluster(workers, logs) as address:
+                    runner = ["--runner=dask", f"--dask_client_address={address}"]
+                    results["runs"] += measure(f"Dask, {workers} worker(s)", runner, inputs)
+            results["runs"] += measure("FnApiRunner", [], inputs[:1])
+            results["dask_speedup_2_vs_1"] = _speedups(results["runs"], "Dask", inputs)
+        if "portable" in parts:
+            portable = results["portable"] = {"cpu": _cpu(), "rows": args.rows, "runs": []}
+            logs = work / "portable"
             logs.mkdir()
-            with _dask_cluster(workers, logs) as address:
-                runner = ["--runner=dask", f"--dask_client_address={address}"]
-                measure(f"Dask, {workers} worker(s)", runner, inputs)
-        measure("FnApiRunner", [], inputs[:1])
-        logs = work / "portable"
-        logs.mkdir()
-        with _portable(logs) as runner:
-            measure("portable, 2 workers", runner, inputs[:1])
+            with _portable(logs) as runner:
+                for workers in (1, 2):
+                    engine = f"portable, {workers} SDK worker(s)"
+                    option = f"--sdk_worker_parallelism={workers}"
+                    portable["runs"] += measure(engine, [*runner, option], inputs)
+            portable["speedup_2_vs_1"] = _speedups(portable["runs"], "portable", inputs)
+    if args.json:
+        path = Path(args.json)
+        kept = json.loads(path.read_text()) if path.exists() else {}
+        if "dask" in parts:  # the top-level entries are the Dask part's
+            kept = {key: value for key, value in kept.items() if key == "portable"}
+        path.write_text(json.dumps({**kept, **results}, indent=2) + "\n")
+    return results
 
-    def rate(engine: str, name: str) -> float:
+
+def _speedups(runs: list[dict], engine: str, inputs: list[str]) -> dict[str, float]:
+    """Input -> rows/s with 2 workers over rows/s with 1, for the engine's runs."""
+
+    def rate(workers: int, name: str) -> float:
         return next(
-            r["rows_per_s"] for r in results["runs"] if r["engine"] == engine and r["input"] == name
+            r["rows_per_s"]
+            for r in runs
+            if r["engine"].startswith(f"{engine}, {workers} ") and r["input"] == name
         )
 
-    results["dask_speedup_2_vs_1"] = {
-        name: rate("Dask, 2 worker(s)", name) / rate("Dask, 1 worker(s)", name) for name in inputs
-    }
-    for name, speedup in results["dask_speedup_2_vs_1"].items():
-        print(f"Dask 2 vs 1 worker(s), {name}: {speedup:.2f}x")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    return results
+    found = {name: rate(2, name) / rate(1, name) for name in inputs}
+    for name, speedup in found.items():
+        print(f"{engine} 2 vs 1 worker(s), {name}: {speedup:.2f}x")
+    return found
 
 
 if __name__ == "__main__":
