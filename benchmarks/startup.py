@@ -30,22 +30,24 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NoReturn
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 _STAMPS_ENV = "BEAM_ENRICH_STARTUP_STAMPS"
 
 
-def _child(argv: list[str], profile: str | None) -> int:
+def _child(argv: list[str], profile: str | None) -> NoReturn:
     """Runs beam-enrich in this process, stamping when chunks reach and leave a model.
 
     The stamps wrap `LoadedModel.run_measured`, the one call per chunk and task; on the
-    local runner (workers in this process) it runs here. Written at exit, after the run.
+    local runner (workers in this process) it runs here. Written by an exit handler,
+    after the run; the process ends as the `beam-enrich` command ends it.
     """
     import atexit
 
     stamps: dict[str, float] = {"imports_started": time.time()}
-    from pipelines.cli import main
+    from pipelines.cli import exit_process, main
     from transforms.inference import LoadedModel
 
     stamps["imports_done"] = time.time()
@@ -64,16 +66,18 @@ def _child(argv: list[str], profile: str | None) -> int:
     )
     try:
         if profile is None:
-            return main(argv)
-        import cProfile
+            code = main(argv)
+        else:
+            import cProfile
 
-        profiler = cProfile.Profile()
-        try:
-            return profiler.runcall(main, argv)
-        finally:
-            profiler.dump_stats(profile)
+            profiler = cProfile.Profile()
+            try:
+                code = profiler.runcall(main, argv)
+            finally:
+                profiler.dump_stats(profile)
     finally:
         stamps["run_done"] = time.time()
+    exit_process(code)  # as `beam-enrich` (pipelines.cli.console_main) ends
 
 
 def _tiny_sentiment(workdir: Path) -> Path:
@@ -174,5 +178,5 @@ if __name__ == "__main__":
         profile_path = None
         if rest[:1] == ["--child-profile"]:
             profile_path, rest = rest[1], rest[2:]
-        sys.exit(_child(rest, profile_path))
+        _child(rest, profile_path)
     main()

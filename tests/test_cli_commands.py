@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -10,7 +13,7 @@ import pytest
 from pipelines.cli import exit_status, main
 from pipelines.manifest import MANIFEST, Manifest
 from pipelines.quality_gate import QualityGateError
-from tests.conftest import SAMPLE_DATA, sentiment_ner_spec
+from tests.conftest import REPO, SAMPLE_DATA, sentiment_ner_spec
 from transforms.io import InputError
 from transforms.models import ModelError
 
@@ -144,3 +147,37 @@ def test_every_command_named_for_the_default_rule_is_a_subcommand(capsys):
             parser().parse_args([command, "--help"])
         assert exited.value.code == 0
         assert f"usage: beam-enrich {command}" in capsys.readouterr().out
+
+
+_ENDS_THE_PROCESS = """
+import atexit, sys, threading
+from pipelines.cli import exit_process
+
+release = threading.Event()
+
+def work():
+    release.wait()
+    with open(sys.argv[1], "w") as handle:
+        handle.write("thread done")
+
+threading.Thread(target=work).start()  # not a daemon: an exit waits for it
+atexit.register(sys.stdout.write, "exit handler ran")  # stays in stdout's buffer
+release.set()
+exit_process(3)
+"""
+
+
+def test_the_command_ends_as_python_would_but_without_its_teardown(tmp_path):
+    """`beam-enrich` ends with `exit_process`: threads waited for, exit handlers run,
+    stdout flushed, the exit code kept."""
+    marker = tmp_path / "thread.txt"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    done = subprocess.run(
+        [sys.executable, "-c", _ENDS_THE_PROCESS, str(marker)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert (done.returncode, done.stdout) == (3, "exit handler ran"), done.stderr
+    assert marker.read_text() == "thread done"
