@@ -10,7 +10,7 @@ import pytest
 
 from pipelines.spec import SpecError, parse_spec
 from tests import smollm2
-from transforms.models import ModelError, load_kwargs, resolve_model
+from transforms.models import ModelError, gguf_metadata, load_kwargs, resolve_model
 
 
 def _write_gguf(path, architecture: str) -> None:
@@ -52,6 +52,39 @@ def test_a_gguf_that_is_not_a_causal_lm_is_refused(tmp_path):
         resolve_model(str(junk))
     with pytest.raises(ModelError, match="does not exist"):
         resolve_model(str(tmp_path / "missing.gguf"))
+
+
+def test_gguf_metadata_reads_what_gguf_reads_past_every_value_type(tmp_path):
+    """The header walk skips strings, scalars, number and string arrays, as gguf's reader
+    parses them; a file cut inside the header is refused, not misread."""
+    import gguf
+
+    path = tmp_path / "model.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny")
+    writer.add_token_list([f"tok{i}" for i in range(300)])  # a string array
+    writer.add_token_scores([0.5] * 300)  # a float32 array
+    writer.add_bool("x.flag", True)
+    writer.add_uint64("x.count", 7)
+    writer.add_array("x.nested", [[1, 2], [3]])  # an array of arrays
+    writer.add_chat_template("{{ messages }}")
+    writer.add_tensor("weight", np.zeros((2, 2), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reader = gguf.GGUFReader(str(path))
+    expected = {
+        key: bytes(reader.fields[key].parts[reader.fields[key].data[0]]).decode()
+        for key in ("general.architecture", "general.name", "tokenizer.chat_template")
+    }
+
+    assert gguf_metadata(str(path)) == expected
+    assert expected["tokenizer.chat_template"] == "{{ messages }}"
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:2000])  # inside the token list
+    with pytest.raises(ModelError, match="not a readable GGUF file"):
+        gguf_metadata(str(cut))
 
 
 def test_package_references_name_the_missing_part():
