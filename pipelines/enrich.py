@@ -110,9 +110,9 @@ def _make_pipeline(options: PipelineOptions) -> beam.Pipeline:
         return beam.Pipeline(options=options)
     # Beam's DirectRunner first tries to fetch the Prism runner from the internet; the
     # local default here is the Python portable runner: deterministic, no downloads.
-    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    from pipelines.local_runner import LocalRunner
 
-    return beam.Pipeline(runner=FnApiRunner(), options=options)
+    return beam.Pipeline(runner=LocalRunner(), options=options)
 
 
 def run(

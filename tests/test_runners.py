@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import math
+import sys
 from pathlib import Path
 
 import apache_beam as beam
@@ -16,9 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.internal import pickler
 from apache_beam.io.filesystem import BeamIOError, CompressionTypes, FileMetadata, FileSystem
-from apache_beam.runners.portability import prism_runner
+from apache_beam.runners.portability import local_job_service, prism_runner
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-from apache_beam.transforms import environments
 
 import pipelines.enrich as enrich_cli
 import pipelines.job
@@ -26,6 +26,7 @@ import transforms.io
 from pipelines.cli import main
 from pipelines.enrich import build
 from pipelines.job import prepare_job
+from pipelines.local_runner import LocalRunner
 from pipelines.spec import load_spec
 from tests.conftest import SAMPLE_DATA, read_local_parts, sentiment_ner_spec
 from transforms.chunks import Chunk
@@ -88,15 +89,13 @@ def test_worker_processes_give_the_in_process_result(tmp_path, tiny_models, monk
 
     monkeypatch.setattr(prism_runner.PrismRunner, "run_pipeline", no_prism)
     worker_commands = []
-    make_environment = environments.SubprocessSDKEnvironment.from_command_string
+    start_worker = local_job_service.SubprocessSdkWorker.__init__
 
-    def recorded_environment(command_string, **kwargs):
-        worker_commands.append(command_string)
-        return make_environment(command_string=command_string, **kwargs)
+    def recorded_worker(self, worker_command_line, *args, **kwargs):
+        worker_commands.append(worker_command_line.decode())
+        start_worker(self, worker_command_line, *args, **kwargs)
 
-    monkeypatch.setattr(
-        environments.SubprocessSDKEnvironment, "from_command_string", recorded_environment
-    )
+    monkeypatch.setattr(local_job_service.SubprocessSdkWorker, "__init__", recorded_worker)
     runners = []
     make_pipeline = enrich_cli._make_pipeline
 
@@ -113,9 +112,11 @@ def test_worker_processes_give_the_in_process_result(tmp_path, tiny_models, monk
     assert main([*common, "--output", str(tmp_path / "inproc")]) == 0
 
     assert prism_calls == []
-    assert [type(runner) for runner in runners] == [FnApiRunner, FnApiRunner]
-    # Only the multi_processing run started SDK worker processes.
-    assert len(worker_commands) == 1 and "sdk_worker_main" in worker_commands[0]
+    assert [type(runner) for runner in runners] == [LocalRunner, LocalRunner]
+    assert issubclass(LocalRunner, FnApiRunner)
+    # Only the multi_processing run started worker processes: two, each of them running
+    # Beam's harness through `pipelines.local_worker`, which ends the process promptly.
+    assert worker_commands == [f"{sys.executable} -m pipelines.local_worker"] * 2
     assert_same_results(read_local_parts(tmp_path / "procs"), read_local_parts(tmp_path / "inproc"))
     manifest = json.loads((tmp_path / "procs" / "manifest.json").read_text())
     assert manifest["options"]["direct_running_mode"] == "multi_processing"
