@@ -12,7 +12,8 @@ model load, reading, tokenizing, writing and the interpreter's exit all count:
                the least a script doing the same job does;
   beam-enrich: `python -m pipelines.cli` on the same input and model, local runner.
 
-Input: `--rows` paragraphs of Python's reference prose (`benchmarks.corpus`), the model a
+Input: `--rows` paragraphs of Python's reference prose, topped up with distinct pairs of
+their sentences (`benchmarks.corpus`, as benchmarks/throughput.py), the model a
 random-weight checkpoint of the real shape (distilbert-base for `sentiment`, built
 offline by `benchmarks.throughput.build_model`). Reported: seconds and rows/s of each,
 and beam-enrich's rows/s over the bare loop's (goal >= 0.95 for fp32), with the machine
@@ -82,15 +83,15 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
 
     from benchmarks import report
-    from benchmarks.corpus import paragraphs
+    from benchmarks.corpus import paragraphs, sentence_pairs
     from benchmarks.throughput import SPEC_TASK, build_model
 
     machine = report.machine()
     print(f"{report.cpu_label(machine)}; {machine['cores']} cores")
     model = build_model(args.task)
-    texts = paragraphs(args.rows)  # distinct: no repeated input for dedup to skip
-    if len(texts) < args.rows:
-        parser.error(f"--rows: the corpus has {len(texts)} distinct paragraphs")
+    # Distinct, as in benchmarks/throughput.py: no repeated input for dedup to skip.
+    texts = paragraphs(args.rows)
+    texts += sentence_pairs(args.rows - len(texts))
     times: dict[str, list[float]] = {"bare": [], "beam-enrich": []}
     with tempfile.TemporaryDirectory(prefix="beam-enrich-whole-") as scratch:
         work = Path(scratch)
