@@ -43,6 +43,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from benchmarks import report
 from benchmarks.corpus import sentence_pairs
 from benchmarks.scale import _cpu
 from benchmarks.throughput import build_model
@@ -182,18 +183,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=2000, help="rows per input set")
     parser.add_argument("--files", type=int, default=3, help="files of the several-files set")
-    parser.add_argument(
-        "--only",
-        default=",".join(_PARTS),
-        help=f"comma-separated parts to run, of {','.join(_PARTS)} (default: all)",
-    )
-    parser.add_argument(
-        "--json", help="also write the results to this file (other parts' results kept)"
-    )
+    report.add_parts_options(parser, _PARTS)
     args = parser.parse_args(argv)
-    parts = set(args.only.split(","))
-    if not parts <= set(_PARTS):
-        parser.error(f"--only: unknown part(s) {sorted(parts - set(_PARTS))}; use {_PARTS}")
+    parts = report.chosen_parts(parser, args, _PARTS)
     spec_task = {
         "name": "sentiment",
         "task": "sentiment-analysis",

@@ -7,7 +7,16 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["SPEED_FLAGS", "cpu_kind", "cpu_label", "machine", "markdown", "plot"]
+__all__ = [
+    "SPEED_FLAGS",
+    "add_parts_options",
+    "chosen_parts",
+    "cpu_kind",
+    "cpu_label",
+    "machine",
+    "markdown",
+    "plot",
+]
 
 _PACKAGES = ("torch", "transformers", "apache-beam", "pyarrow", "tokenizers")
 _METHODS = ("per-row", "pipeline(list, 32)", "beam-enrich")
@@ -55,6 +64,26 @@ def cpu_kind(flags: set[str]) -> str:
     if "avx2" in flags:
         return "AVX2 (bf16 emulated)"
     return "no AVX2"
+
+
+def add_parts_options(parser, parts: tuple[str, ...]) -> None:
+    """`--only PARTS` and `--json FILE`, for a benchmark made of parts run separately."""
+    parser.add_argument(
+        "--only",
+        default=",".join(parts),
+        help=f"comma-separated parts to run, of {','.join(parts)} (default: all)",
+    )
+    parser.add_argument(
+        "--json", help="also write the results to this file (other parts' results kept)"
+    )
+
+
+def chosen_parts(parser, args, parts: tuple[str, ...]) -> set[str]:
+    """The parts `--only` names; an unknown one is a usage error."""
+    chosen = set(args.only.split(","))
+    if not chosen <= set(parts):
+        parser.error(f"--only: unknown part(s) {sorted(chosen - set(parts))}; use {parts}")
+    return chosen
 
 
 def cpu_label(machine: dict) -> str:

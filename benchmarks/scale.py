@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from benchmarks import report
 from benchmarks.corpus import sentence_pairs
 from benchmarks.memory import _tiny_model, measure_memory
 
@@ -177,18 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", default="1,2", help="local worker processes for (b)")
     parser.add_argument("--memory-rows", default="2000,8000", help="row counts for (d)")
     parser.add_argument("--spread-items", type=int, default=2000, help="work items for (e)")
-    parser.add_argument(
-        "--only",
-        default=",".join(_PARTS),
-        help=f"comma-separated parts to run, of {','.join(_PARTS)} (default: all)",
-    )
-    parser.add_argument(
-        "--json", help="also write the results to this file (other parts' results kept)"
-    )
+    report.add_parts_options(parser, _PARTS)
     args = parser.parse_args(argv)
-    parts = set(args.only.split(","))
-    if not parts <= set(_PARTS):
-        parser.error(f"--only: unknown part(s) {sorted(parts - set(_PARTS))}; use {_PARTS}")
+    parts = report.chosen_parts(parser, args, _PARTS)
     results: dict = {"cpu": _cpu()}
     with tempfile.TemporaryDirectory(prefix="beam-enrich-scale-") as scratch:
         work = Path(scratch)
