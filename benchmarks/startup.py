@@ -47,7 +47,8 @@ def _child(argv: list[str], profile: str | None) -> NoReturn:
     import atexit
 
     stamps: dict[str, float] = {"imports_started": time.time()}
-    from pipelines.cli import exit_process, main
+    from pipelines.cli import main
+    from pipelines.process_exit import exit_process
     from transforms.inference import LoadedModel
 
     stamps["imports_done"] = time.time()

@@ -17,7 +17,6 @@ quality gate failed after the output was published; 130 Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import json
 import logging
@@ -36,6 +35,7 @@ from pipelines.enrich import add_run_arguments, run, runs_locally
 from pipelines.job import prepare_job, runner_name
 from pipelines.manifest import MANIFEST, manifest_schema, read_manifest
 from pipelines.output import output_state, published_run_id
+from pipelines.process_exit import exit_process
 from pipelines.quality_gate import QualityGateError
 from pipelines.runners import resolve_runner
 from pipelines.spec import JobSpec, SpecError, load_spec
@@ -48,7 +48,6 @@ __all__ = [
     "COMMANDS",
     "EXIT_CODES",
     "console_main",
-    "exit_process",
     "exit_status",
     "job_spec_schema",
     "main",
@@ -441,35 +440,6 @@ def console_main() -> NoReturn:
     keeps its interpreter.
     """
     exit_process(main())
-
-
-def exit_process(code: int) -> NoReturn:
-    """Ends the process as Python's exit would, without its teardown of every module.
-
-    That teardown takes 1.4-2.6 s with torch, transformers and Beam loaded, after a
-    run whose output, manifest and report are already written (benchmarks/startup.py),
-    and nothing needs it. The steps of Python's exit before it still run, in its
-    order: threads that are not daemons are waited for, and `concurrent.futures`'
-    pools (`threading._shutdown`); then the exit handlers (logging's flush and close,
-    `weakref.finalize` and temporary-folder cleanup, Beam's job server and shared-model
-    process shutdown, Dask's client close, the wait for timed-out micro-batches in
-    `transforms.inference`, coverage); then stdout and stderr are flushed. Both hooks
-    are CPython's own; where one is missing, the exit is Python's.
-    """
-    shutdown_threads = getattr(threading, "_shutdown", None)
-    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
-    if shutdown_threads is None or run_exit_handlers is None:
-        sys.exit(code)
-    shutdown_threads()
-    run_exit_handlers()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            if stream is not None:
-                stream.flush()
-        except (OSError, ValueError):
-            # As Python does when it cannot flush stdout at exit (e.g. a closed pipe).
-            code = code or 120
-    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 `python -m pipelines.local_worker` runs `apache_beam.runners.worker.sdk_worker_main`
 and, once the harness has returned, ends the process without the interpreter's teardown
-(`pipelines.cli.exit_process`: threads are waited for, exit handlers run — among them
+(`pipelines.process_exit.exit_process`: threads are waited for, exit handlers run — among them
 the shutdown of a shared model's server process — and output is flushed first).
 
 Why: Beam's FnApiRunner stops its worker processes one after another and waits for each
@@ -22,7 +22,7 @@ def main() -> None:
 
     # A harness that fails raises: Python's own exit then reports it, with code 1.
     sdk_worker_main.main(sys.argv)
-    from pipelines.cli import exit_process
+    from pipelines.process_exit import exit_process
 
     exit_process(0)
 

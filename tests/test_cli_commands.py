@@ -151,7 +151,7 @@ def test_every_command_named_for_the_default_rule_is_a_subcommand(capsys):
 
 _ENDS_THE_PROCESS = """
 import atexit, sys, threading
-from pipelines.cli import exit_process
+from pipelines.process_exit import exit_process
 
 release = threading.Event()
 
