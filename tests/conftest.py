@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 
 # Before anything imports huggingface_hub: tests never touch the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -98,3 +99,28 @@ class EchoRunner:
         if any("BOOM" in item for item in items):
             raise RuntimeError("model exploded")
         return [(item.upper(),) for item in items]
+
+
+class FakeProxy:
+    """Stands for a `MultiProcessShared` proxy: another object than the `LoadedModel`,
+    whose calls pickle their arguments and answers, as a proxy's do."""
+
+    def __init__(self, loaded):
+        self._loaded = loaded
+        self.calls = []
+
+    def placement(self):
+        return self._loaded.placement()
+
+    def forward(self, batch):
+        self.calls.append(1)
+        answer = self._loaded.forward(pickle.loads(pickle.dumps(batch)))
+        return pickle.loads(pickle.dumps(answer))
+
+    def forward_many(self, batches):
+        self.calls.append(len(batches))
+        answer = self._loaded.forward_many(pickle.loads(pickle.dumps(batches)))
+        return pickle.loads(pickle.dumps(answer))
+
+    def run_measured(self, *args, **kwargs):
+        raise AssertionError("the server ran a whole chunk")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, FakeProxy
 from transforms.inference import TaskBinding, load_task, run_rows
 from transforms.model_server import with_local_front
 from transforms.models import resolve_model
@@ -18,7 +17,6 @@ from transforms.tasks.base import check_text
 from transforms.tasks.fill_mask import FillMask, FillMaskParams
 from transforms.tasks.question_answering import QuestionAnswering, QuestionAnsweringParams
 from transforms.tasks.text_classification import TextClassification
-from transforms.tasks.text_generation import TextGeneration, TextGenerationParams
 from transforms.tasks.token_classification import TokenClassification
 from transforms.tasks.zero_shot import ZeroShotClassification, ZeroShotClassificationParams
 
@@ -55,31 +53,6 @@ def test_hot_path_runs_without_apache_beam(tiny_models):
     assert out["errors"][1].startswith("InvalidInput")
     assert out["errors"][0] is None and out["errors"][2] is None
     assert all(isinstance(label, str) for label, _ in (out["results"][0], out["results"][2]))
-
-
-class FakeProxy:
-    """Stands for a `MultiProcessShared` proxy: another object than the `LoadedModel`,
-    whose calls pickle their arguments and answers, as a proxy's do."""
-
-    def __init__(self, loaded):
-        self._loaded = loaded
-        self.calls = []
-
-    def placement(self):
-        return self._loaded.placement()
-
-    def forward(self, batch):
-        self.calls.append(1)
-        answer = self._loaded.forward(pickle.loads(pickle.dumps(batch)))
-        return pickle.loads(pickle.dumps(answer))
-
-    def forward_many(self, batches):
-        self.calls.append(len(batches))
-        answer = self._loaded.forward_many(pickle.loads(pickle.dumps(batches)))
-        return pickle.loads(pickle.dumps(answer))
-
-    def run_measured(self, *args, **kwargs):
-        raise AssertionError("the server ran a whole chunk")
 
 
 _MASKED = [
@@ -131,11 +104,16 @@ def test_served_model_gets_forward_passes_only_and_gives_the_same_rows(
     assert served.truncated == direct.truncated
 
 
+class _NoFront(TextClassification):
+    """A family (a plugin's, say) that does not split: no `load_front`."""
+
+    def load_front(self, model):
+        return None
+
+
 def test_a_family_without_a_front_runs_whole_chunks_in_the_server(tiny_models):
     task = TaskBinding(
-        TextGeneration("g", TextGenerationParams(max_new_tokens=2)),
-        resolve_model(str(tiny_models["text-generation"])),
-        device="cpu",
+        _NoFront("s"), resolve_model(str(tiny_models["text-classification"])), device="cpu"
     )
     proxy = FakeProxy(None)
     assert with_local_front(task, proxy) is proxy

@@ -68,7 +68,9 @@ def with_local_front(task: TaskBinding, loaded: Any) -> Any:
     if isinstance(loaded, LoadedModel):
         return loaded
     adapter = task.adapter
-    key = repr((task.name, task.model, adapter.params, adapter.on_long_input, task.dtype))
+    key = repr(
+        (type(adapter), task.name, task.model, adapter.params, adapter.on_long_input, task.dtype)
+    )
     with _FRONTS_LOCK:
         if key not in _FRONTS:
             _FRONTS[key] = _load_front(task, loaded)
