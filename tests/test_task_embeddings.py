@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from transforms.inference import run_task
+from tests.conftest import FakeProxy
+from transforms.inference import TaskBinding, load_task, run_task
+from transforms.model_server import with_local_front
 from transforms.models import ModelError, resolve_model
 from transforms.tasks.feature_extraction import FeatureExtraction, FeatureExtractionParams
 
@@ -115,6 +117,40 @@ def test_cls_pooling_dense_and_prompts_equal_sentence_transformers(
     assert np.abs(ours - reference).max() <= MAX_DIFF
     norms = np.linalg.norm(ours, axis=1)
     assert np.allclose(norms, 1.0, atol=1e-5) == bool(params.get("normalize"))
+
+
+@pytest.mark.parametrize(
+    ("folder", "params", "encode"),
+    [
+        ("minilm", {}, {}),
+        ("cls_dense", {"prompt": "Represent this review: "}, {"prompt": "Represent this review: "}),
+        ("default_prompt", {"normalize": True}, {"normalize_embeddings": True}),
+    ],
+    ids=["minilm", "prompt", "default-prompt-normalize"],
+)
+def test_through_a_model_server_equals_encode_bit_for_bit(
+    st_folders, texts, folder, params, encode
+):
+    from sentence_transformers import SentenceTransformer
+
+    path = MODEL_DIR if folder == "minilm" else st_folders[folder]
+    adapter = FeatureExtraction("emb", FeatureExtractionParams(**params))
+    task = TaskBinding(adapter, resolve_model(str(path)), device="cpu")
+    proxy = FakeProxy(load_task(task))
+    local = with_local_front(task, proxy)
+    assert local is not proxy  # this process tokenizes and normalizes, with no weights
+    front = local.runner.front
+    assert {p.device.type for p in front.module.parameters()} == {"meta"}
+    assert front.network is None
+
+    # One micro-batch, so encode runs the same rows in one batch of its own.
+    served = local.run_measured(adapter.row_inputs({"text": texts}), 16 * 256)
+    assert proxy.calls == [1] and [rows for rows, _ in served.batches] == [len(texts)]
+    assert served.errors == [None] * len(texts)
+    ours = np.stack([vector for (vector,) in served.results])
+    model = SentenceTransformer(str(path), device="cpu")
+    reference = model.encode(texts, batch_size=len(texts), **encode)
+    assert ours.dtype == np.float32 and np.array_equal(ours, reference)
 
 
 def test_default_prompt_and_resolved_parameters(st_folders, texts):

@@ -9,8 +9,10 @@ gets exactly what `SentenceTransformer(model).encode(text)` returns. A model wit
 config is built from the same modules: the transformer, the `pooling` param, and Normalize
 when `normalize` is set.
 
-Micro-batches are beam-enrich's own (length-sorted, token budget); each one is a single
-`encode` call with `batch_size` equal to its size.
+Micro-batches are beam-enrich's own (length-sorted, token budget); each one runs the steps
+of one `encode` call with `batch_size` equal to its size, split as a `SplitRunner`
+(`collate` / `forward` / `decode`), so a model server runs only the network's forward pass
+and gets the very arrays `encode` would feed it: the vectors are bit-equal to `encode`'s.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
 from transforms.models import ModelError, ResolvedModel, load_kwargs, place_model
-from transforms.tasks.base import Encoded, Params, TaskAdapter, encode_texts
+from transforms.tasks.base import Encoded, Params, TaskAdapter, encode_texts, to_model
 
 __all__ = ["FeatureExtraction", "FeatureExtractionParams"]
 
@@ -150,7 +153,47 @@ class FeatureExtraction(TaskAdapter):
             if resolved["normalize"]:
                 modules.append(Normalize())
             network = SentenceTransformer(modules=modules, device=device)
-        return _EmbeddingRunner(place_model(network, device, dtype), self.params)
+        network = place_model(network, device, dtype)
+        return _EmbeddingRunner(network[0], resolved["prompt"], self.params, network, device)
+
+    def load_front(self, model: ResolvedModel) -> _EmbeddingRunner | None:
+        """The tokenizing and normalizing half of `load`'s runner, without weights.
+
+        sentence-transformers has no weightless construction: `from_pretrained` inside a
+        meta-device context raises, and `device_map="meta"` still reads every tensor of the
+        checkpoint before dropping it. So the front builds only the model's input module
+        (its Transformer: config, tokenizer, `max_seq_length`, processing kwargs) through
+        sentence-transformers' own loading, with the network made from its config on the
+        meta device (`_weightless_transformer`). Pooling, Dense and Normalize modules run in
+        the server's forward pass and are not built here. A model whose first module is not
+        a Transformer has no front (the server embeds whole chunks).
+        """
+        if model.gguf_file is not None:
+            return None
+        config = _read_config(model)
+        resolved = _resolve(self.name, self.params, config)
+        pinned: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
+        if model.revision is not None:
+            pinned["revision"] = model.revision
+        weightless = _weightless_transformer()
+        if config is None:
+            module = weightless(
+                model.model,
+                model_kwargs=dict(pinned),
+                processor_kwargs=dict(pinned),
+                config_kwargs=dict(pinned),
+            )
+        else:
+            entry = (_read_json(model, "modules.json") or [{}])[0]
+            if config.modules[:1] != ("Transformer",):
+                return None
+            module = weightless.load(
+                model.model,
+                subfolder=entry.get("path", ""),
+                revision=model.revision,
+                trust_remote_code=model.trust_remote_code,
+            )
+        return _EmbeddingRunner(module, resolved["prompt"], self.params, None, "meta")
 
 
 def _resolve(
@@ -287,24 +330,62 @@ def _read_json(model: ResolvedModel, name: str) -> Any:
         ) from err
 
 
+def _weightless_transformer() -> type:
+    """sentence-transformers' Transformer module, its network built on the meta device.
+
+    Only `_load_model` (the one step that reads weights) is replaced: config, processor,
+    `max_seq_length` and processing kwargs load as sentence-transformers loads them, so
+    `preprocess` gives the very arrays `SentenceTransformer.encode` feeds the network.
+    """
+    import torch
+    from sentence_transformers.base.modules.transformer import TRANSFORMER_TASK_TO_AUTO_MODEL
+    from sentence_transformers.sentence_transformer.modules import Transformer
+
+    class _WeightlessTransformer(Transformer):
+        def _load_model(
+            self, model_name_or_path, transformer_task, config, backend, is_peft_model, **kwargs
+        ):
+            if backend != "torch" or is_peft_model:
+                raise ModelError(f"no weightless front for a {backend} or PEFT model")
+            auto_class = TRANSFORMER_TASK_TO_AUTO_MODEL[transformer_task]
+            with torch.device("meta"):
+                return auto_class.from_config(
+                    config, trust_remote_code=kwargs.get("trust_remote_code", False)
+                )
+
+    return _WeightlessTransformer
+
+
 class _EmbeddingRunner:
-    def __init__(self, model, params: FeatureExtractionParams):
-        self.model = model
-        self.prompt = params.prompt
-        self.prompt_name = params.prompt_name
-        # `normalize: true` on a model without Normalize: encode(normalize_embeddings=True).
+    """Embeds micro-batches as `SentenceTransformer.encode(texts, batch_size=len(texts))`.
+
+    `collate` is what `encode` feeds the network: the rows in its order (longest text
+    first), prompt and truncation applied by the input module's own `preprocess`;
+    `forward` runs every module (transformer, pooling, Dense, Normalize) to the
+    `sentence_embedding`; `decode` normalizes where `normalize_embeddings=True` would and
+    restores the rows' order. A front (`network` None) has the input module only.
+    """
+
+    def __init__(
+        self, module, prompt: str | None, params: FeatureExtractionParams, network, device
+    ):
+        self.module = module
+        self.network = network
+        self.device = device
+        self.prompt = prompt or None
+        # `normalize: true` on top of the model's own modules: encode(normalize_embeddings=True).
         self.normalize = bool(params.normalize)
-        self.max_length = model.max_seq_length or 512
-        # The text encode puts before each row, counted in the cost of its micro-batch.
-        name = params.prompt_name or model.default_prompt_name
-        self.prefix = params.prompt if params.prompt is not None else model.prompts.get(name, "")
+        self.max_length = module.max_seq_length or 512
+        # encode interleaves long and short rows when flash attention drops the padding.
+        self.interleave = bool(getattr(module, "can_flatten_inputs", False))
 
     def prepare(self, texts: Sequence[str]) -> list[Encoded]:
-        # Token counts for sorting and packing only: `encode` tokenizes again, so the
-        # vectors come from sentence-transformers' own preprocessing (prompt, truncation).
-        # Tokenizing a chunk costs well under 1% of embedding it.
-        prefixed = [self.prefix + text for text in texts] if self.prefix else texts
-        items = encode_texts(self.model.tokenizer, prefixed, self.max_length)
+        # Token counts for sorting and packing only: `collate` tokenizes with the input
+        # module's `preprocess`, so the arrays are sentence-transformers' own (prompt,
+        # truncation, token types). Tokenizing costs well under 1% of embedding a row.
+        prefix = self.prompt or ""
+        prefixed = [prefix + text for text in texts] if prefix else texts
+        items = encode_texts(self.module.tokenizer, prefixed, self.max_length)
         return [
             dataclasses.replace(item, text=text) for item, text in zip(items, texts, strict=True)
         ]
@@ -313,13 +394,44 @@ class _EmbeddingRunner:
         return len(item.input_ids)
 
     def infer(self, items: list[Encoded]) -> list[tuple]:
-        vectors = self.model.encode(
-            [item.text for item in items],
-            prompt=self.prompt,
-            prompt_name=self.prompt_name,
-            batch_size=len(items),
-            normalize_embeddings=self.normalize,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        )
-        return [(vector.astype("float32", copy=False),) for vector in vectors]
+        return self.decode(items, self.forward(self.collate(items)))
+
+    def _order(self, items: list[Encoded]) -> np.ndarray:
+        """The order `encode` runs rows in: by text length, longest first."""
+        order = np.argsort([-len(item.text) for item in items])
+        if self.interleave:
+            from sentence_transformers.base.model import BaseModel
+
+            order = BaseModel._interleave_sorted_indices(order)
+        return order
+
+    def collate(self, items: list[Encoded]) -> dict[str, np.ndarray]:
+        texts = [items[i].text for i in self._order(items)]
+        features = self.module.preprocess(texts, prompt=self.prompt)
+        # Tensors as arrays; `modality` and `prompt_length` (plain values) as 0-d arrays.
+        return {
+            key: value.numpy() if hasattr(value, "numpy") else np.asarray(value)
+            for key, value in features.items()
+        }
+
+    def forward(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        arrays = {key: value for key, value in batch.items() if value.ndim > 0}
+        features: dict[str, Any] = to_model(arrays, self.device)
+        features.update({key: value.item() for key, value in batch.items() if value.ndim == 0})
+        with torch.inference_mode():
+            embeddings = self.network(features)["sentence_embedding"]
+        return {"sentence_embedding": embeddings.float().cpu().numpy()}
+
+    def decode(self, items: list[Encoded], outputs: dict[str, np.ndarray]) -> list[tuple]:
+        embeddings = outputs["sentence_embedding"]
+        if self.normalize:
+            import torch
+
+            tensor = torch.nn.functional.normalize(torch.from_numpy(embeddings), p=2, dim=1)
+            embeddings = tensor.numpy()
+        vectors: list = [None] * len(items)
+        for position, row in enumerate(self._order(items)):
+            vectors[row] = (embeddings[position],)
+        return vectors
