@@ -16,14 +16,20 @@ the way the last 4.x pipelines chose them:
 Outputs are decoded with `skip_special_tokens=True` and without cleaning up
 tokenization spaces, the 4.x default. Unlike 4.x, which refused inputs longer than the
 model takes, long inputs are cut to the model's limit (and counted as truncated).
+
+The runner splits at `generate` (`SplitRunner`): behind a model server each caller
+tokenizes, pads and decodes with a front that loads no weights (`load_front`), and the
+server only generates, from padded ids to output ids.
 """
 
 from __future__ import annotations
 
 import copy
+import types
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
@@ -34,7 +40,8 @@ from transforms.tasks.base import (
     TaskAdapter,
     encode_texts,
     model_max_length,
-    pad_batch,
+    pad_ids,
+    to_model,
 )
 
 __all__ = [
@@ -135,7 +142,23 @@ class _Seq2Seq(TaskAdapter):
         network = AutoModelForSeq2SeqLM.from_pretrained(model.model, **kwargs)
         network = place_model(network, device, dtype)
         config, prefix = generation_settings(network, tokenizer, self.tasks[0], self.params)
-        return _Runner(tokenizer, network, device, config, prefix)
+        return _Runner(tokenizer, network.config, prefix, network, device, config)
+
+    def load_front(self, model: ResolvedModel) -> _Runner:
+        """The runner without weights: the tokenizer (its source language set) and the
+        config's prefix and length limit; the server holds the generation config."""
+        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+        pinned: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
+        if model.revision is not None:
+            pinned["revision"] = model.revision
+        tokenizer = AutoTokenizer.from_pretrained(model.model, **pinned)
+        config = AutoConfig.from_pretrained(model.model, **pinned)
+        # The prefix and the tokenizer's source language come from the config and the
+        # parameters only; the generation config made beside them is the server's concern.
+        weightless = types.SimpleNamespace(config=config, generation_config=GenerationConfig())
+        _, prefix = generation_settings(weightless, tokenizer, self.tasks[0], self.params)
+        return _Runner(tokenizer, config, prefix)
 
 
 class Summarization(_Seq2Seq):
@@ -253,13 +276,28 @@ def _language_id(tokenizer, code: str, name: str) -> int:
 
 
 class _Runner:
-    def __init__(self, tokenizer, model, device: str, generation_config, prefix: str):
+    """`prepare / cost / collate / decode` need the tokenizer only; `forward`
+    (`generate`) needs the model: None in a front (`_Seq2Seq.load_front`).
+
+    `forward` takes the padded encoder inputs and gives the output ids as `generate`
+    returns them (decoder start token first, padded with the pad token).
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        config,
+        prefix: str,
+        model: Any = None,
+        device: str = "meta",
+        generation_config: Any = None,
+    ):
         self.tokenizer = tokenizer
         self.model = model
         self.device = device
         self.generation_config = generation_config
         self.prefix = prefix
-        self.max_length = model_max_length(tokenizer, model.config)
+        self.max_length = model_max_length(tokenizer, config)
 
     def prepare(self, texts: Sequence[str]) -> list[Encoded]:
         return encode_texts(self.tokenizer, [self.prefix + t for t in texts], self.max_length)
@@ -268,14 +306,26 @@ class _Runner:
         return len(item.input_ids)
 
     def infer(self, items: list[Encoded]) -> list[tuple]:
-        import torch
+        return self.decode(items, self.forward(self.collate(items)))
 
+    def collate(self, items: list[Encoded]) -> dict[str, np.ndarray]:
         # Encoder inputs pad on the tokenizer's side (the right, for these models); the
         # attention mask keeps padding out of every row's encoding.
-        inputs = pad_batch(self.tokenizer, items, self.device)
+        return pad_ids(self.tokenizer, [item.input_ids for item in items])
+
+    def forward(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        if self.model is None:
+            raise RuntimeError("this seq2seq runner is a front: it has no model")
         with torch.inference_mode():
-            output = self.model.generate(**inputs, generation_config=self.generation_config)
+            output = self.model.generate(
+                **to_model(batch, self.device), generation_config=self.generation_config
+            )
+        return {"ids": output.cpu().numpy()}
+
+    def decode(self, items: list[Encoded], outputs: dict[str, np.ndarray]) -> list[tuple]:
         texts = self.tokenizer.batch_decode(
-            output, skip_special_tokens=True, clean_up_tokenization_spaces=False
+            outputs["ids"].tolist(), skip_special_tokens=True, clean_up_tokenization_spaces=False
         )
         return [(text,) for text in texts]

@@ -7,6 +7,12 @@ rendered with the model's chat template (`transforms.chat_prompt`); a `json_sche
 holds the output to a JSON Schema and writes it as a typed struct column
 (`transforms.json_schema`, `transforms.grammar`); a blocklist can flag (and blank)
 outputs that match it.
+
+The runner splits at `generate` (`SplitRunner`): token ids in, token ids out. Behind a
+model server (`share_model: machine`) each caller tokenizes, renders chat templates,
+collates left-padded arrays and decodes (stop strings, JSON parsing, blocklist) with a
+front that loads no weights (`TextGeneration.load_front`); the server only generates,
+with the stopping criteria, grammar constraint and seeded samplers, where the model is.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import string
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import numpy as np
 import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
@@ -36,7 +43,8 @@ from transforms.tasks.base import (
     TaskAdapter,
     check_text,
     model_max_length,
-    pad_batch,
+    pad_ids,
+    to_model,
 )
 
 __all__ = [
@@ -515,31 +523,100 @@ class TextGeneration(TaskAdapter):
         network = AutoModelForCausalLM.from_pretrained(model.model, **kwargs)
         return self.runner(tokenizer, place_model(network, device, dtype), device)
 
+    def load_front(self, model: ResolvedModel) -> _TextGenerationRunner:
+        """The runner without weights: tokenizer, config and generation config only.
+
+        GGUF files are supported: their tokenizer and config are read from the file's
+        header, parsed once per load (`shared_gguf_readers`; about 6-10 s of one Zen 3
+        core for SmolLM2's vocabulary, once per process and task). That is paid once,
+        while a server running whole chunks would tokenize and decode every caller's
+        rows in its one process, serialized with the forward passes.
+        """
+        from transformers import AutoConfig, AutoTokenizer
+
+        from transforms.gguf_reads import shared_gguf_readers
+
+        pinned: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
+        if model.revision is not None:
+            pinned["revision"] = model.revision
+        if model.gguf_file is not None:
+            pinned["gguf_file"] = model.gguf_file
+        with shared_gguf_readers():
+            tokenizer = AutoTokenizer.from_pretrained(model.model, **pinned)
+            config = AutoConfig.from_pretrained(model.model, **pinned)
+        generation_config = _saved_generation_config(model, config)
+        return self._runner(tokenizer, config, generation_config)
+
     def runner(self, tokenizer, model, device: str = "cpu") -> _TextGenerationRunner:
         """The runner for a tokenizer and model already loaded (tests, notebooks)."""
+        return self._runner(tokenizer, model.config, model.generation_config, model, device)
+
+    def _runner(
+        self, tokenizer, config, generation_config, model=None, device: str = "meta"
+    ) -> _TextGenerationRunner:
         chat = None
         if self.messages is not None:
             from transforms.chat_prompt import ChatPrompt
 
             chat = ChatPrompt(tokenizer, self.messages)
         return _TextGenerationRunner(
-            tokenizer, model, device, self.params, self.blocklist, chat, self.output_type
+            tokenizer,
+            config,
+            generation_config,
+            self.params,
+            self.blocklist,
+            chat,
+            self.output_type,
+            model=model,
+            device=device,
         )
 
 
+def _saved_generation_config(model: ResolvedModel, config) -> Any:
+    """The generation config `from_pretrained` gives the model, without loading it:
+    the saved generation_config.json, else one made from config.json, else (a GGUF
+    file, which has neither) one made from the config read from the file."""
+    from transformers import GenerationConfig
+
+    pinned: dict[str, Any] = {}
+    if model.revision is not None:
+        pinned["revision"] = model.revision
+    try:
+        return GenerationConfig.from_pretrained(model.model, **pinned)
+    except OSError:
+        pass
+    if model.gguf_file is None:
+        try:
+            return GenerationConfig.from_pretrained(
+                model.model, config_file_name="config.json", _from_model_config=True, **pinned
+            )
+        except OSError:
+            pass
+    return GenerationConfig.from_model_config(config)
+
+
 class _TextGenerationRunner:
+    """`prepare / cost / collate / decode` need the tokenizer and config only;
+    `forward` (`generate`) needs the model: None in a front (`TextGeneration.load_front`).
+
+    `forward` takes left-padded `input_ids` / `attention_mask` and gives each row's
+    generated ids up to (not including) end of sequence: `ids` padded with 0 and their
+    `lengths`.
+    """
+
     def __init__(
         self,
         tokenizer,
-        model,
-        device: str,
+        config,
+        generation_config,
         params: TextGenerationParams,
         blocklist: tuple[str, ...] | None,
         chat: Any = None,
         output_type: pa.DataType | None = None,
+        *,
+        model: Any = None,
+        device: str = "meta",
     ):
-        from transformers import StoppingCriteriaList, StopStringCriteria
-
         # Decoder-only models continue the last token: pad on the left so every row's
         # prompt ends at the same position; generate derives position ids from the mask.
         tokenizer.padding_side = "left"
@@ -551,17 +628,32 @@ class _TextGenerationRunner:
         self.model = model
         self.device = device
         self.params = params
-        self.context = model_max_length(tokenizer, model.config)
+        self.context = model_max_length(tokenizer, config)
         self.max_prompt = self.context - params.max_new_tokens
-        eos = model.generation_config.eos_token_id
+        eos = generation_config.eos_token_id
         eos = tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-        self.beams = params.num_beams or model.generation_config.num_beams or 1
+        self.beams = params.num_beams or generation_config.num_beams or 1
         self.seeded = params.do_sample and params.seed is not None
         if self.seeded and self.beams > 1:
             raise ValueError(
                 f"the model's default num_beams is {self.beams}; a seed needs num_beams: 1"
             )
+        self.blocklist = (
+            None if blocklist is None else [re.compile(p, re.IGNORECASE) for p in blocklist]
+        )
+        self.chat = chat
+        self.output_type = output_type
+        self.constraint = None
+        if model is not None:
+            self._generation_settings(generation_config)
+
+    def _generation_settings(self, generation_config) -> None:
+        """What `generate` runs with, beside the model: kwargs, stopping criteria,
+        grammar constraint, the warpers of seeded sampling."""
+        from transformers import StoppingCriteriaList, StopStringCriteria
+
+        params, tokenizer = self.params, self.tokenizer
         self.generate_kwargs: dict[str, Any] = {
             "max_new_tokens": params.max_new_tokens,
             "do_sample": params.do_sample,
@@ -578,22 +670,16 @@ class _TextGenerationRunner:
             self.generate_kwargs["do_sample"] = False
             for name in _SAMPLING_KNOBS:
                 self.generate_kwargs.pop(name, None)
-            self.warpers = _sampling_warpers(params, model.generation_config)
+            self.warpers = _sampling_warpers(params, generation_config)
         if params.stop:
             self.generate_kwargs["stopping_criteria"] = StoppingCriteriaList(
                 [StopStringCriteria(tokenizer, list(params.stop))]
             )
-        self.blocklist = (
-            None if blocklist is None else [re.compile(p, re.IGNORECASE) for p in blocklist]
-        )
-        self.chat = chat
-        self.output_type = output_type
-        self.constraint = None
         if params.json_schema is not None:
             from transforms.grammar import JsonSchemaConstraint, compile_json_schema
 
             grammar = compile_json_schema(closed_schema(params.json_schema))
-            vocab = model.get_output_embeddings().weight.shape[0]
+            vocab = self.model.get_output_embeddings().weight.shape[0]
             self.constraint = JsonSchemaConstraint(tokenizer, grammar, self.eos_ids, vocab)
 
     def prepare(self, prompts: Sequence[Any]) -> list[Encoded | InvalidInput]:
@@ -633,27 +719,50 @@ class _TextGenerationRunner:
         return (len(item.input_ids) + self.params.max_new_tokens) * self.beams
 
     def infer(self, items: list[Encoded]) -> list[tuple]:
+        return self.decode(items, self.forward(self.collate(items)))
+
+    def collate(self, items: list[Encoded]) -> dict[str, np.ndarray]:
+        return pad_ids(self.tokenizer, [item.input_ids for item in items], right=False)
+
+    def forward(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.model is None:
+            raise RuntimeError("this text-generation runner is a front: it has no model")
+        if not self.seeded:
+            return _padded_rows(self._generate(batch))
+        # One row per call: no padding, so a row's logits, and hence its draws, are
+        # bit-for-bit the same whatever rows share its micro-batch.
+        rows = []
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
+            prompt = ids[mask.astype(bool)][None, :]
+            one = {"input_ids": prompt, "attention_mask": np.ones_like(prompt)}
+            rows.extend(self._generate(one, _SeededSampler(self.params.seed)))
+        return _padded_rows(rows)
+
+    def decode(self, items: list[Encoded], outputs: dict[str, np.ndarray]) -> list[tuple]:
+        ids, lengths = outputs["ids"], outputs["lengths"]
         return [
-            self._postprocess(item, ids)
-            for item, ids in zip(items, self.generate(items), strict=True)
+            self._postprocess(item, ids[row, : lengths[row]].tolist())
+            for row, item in enumerate(items)
         ]
 
     def generate(self, items: list[Encoded]) -> list[list[int]]:
         """The generated token ids of each item, up to (not including) end of sequence."""
-        if self.seeded:
-            # One row per call: no padding, so a row's logits, and hence its draws, are
-            # bit-for-bit the same whatever rows share its micro-batch.
-            return [self._generate([item], _SeededSampler(self.params.seed))[0] for item in items]
-        return self._generate(items)
+        outputs = self.forward(self.collate(items))
+        return [
+            outputs["ids"][row, : outputs["lengths"][row]].tolist() for row in range(len(items))
+        ]
 
-    def _generate(self, items: list[Encoded], sampler: _SeededSampler | None = None):
+    def _generate(
+        self, batch: dict[str, np.ndarray], sampler: _SeededSampler | None = None
+    ) -> list[list[int]]:
         import torch
         from transformers import LogitsProcessorList
 
-        inputs = pad_batch(self.tokenizer, items, self.device)
+        rows = batch["input_ids"].shape[0]
+        inputs = to_model(batch, self.device)
         kwargs = dict(self.generate_kwargs)
         # The grammar masks first: temperature and top-k / top-p then see allowed tokens only.
-        processors = [] if self.constraint is None else [self.constraint.for_batch(len(items))]
+        processors = [] if self.constraint is None else [self.constraint.for_batch(rows)]
         if sampler is not None:
             processors += [*self.warpers, sampler]
         if processors:
@@ -674,7 +783,7 @@ class _TextGenerationRunner:
             text = text[: min(cuts)]
         output: Any = item.text + text if self.params.return_full_text else text
         values: list = []
-        if self.constraint is not None:
+        if self.params.json_schema is not None:
             output = self._structured(text, len(ids))
             if isinstance(output, InvalidOutput):
                 return output
@@ -706,6 +815,15 @@ class _TextGenerationRunner:
             return to_arrow_value(value, self.output_type)
         except ValueError as err:
             return InvalidOutput(f"output does not fit the schema: {err}: {text[:200]!r}")
+
+
+def _padded_rows(rows: list[list[int]]) -> dict[str, np.ndarray]:
+    """Token id lists of different lengths as `ids` (padded with 0) and `lengths`."""
+    lengths = np.array([len(row) for row in rows], dtype=np.int64)
+    ids = np.zeros((len(rows), int(lengths.max(initial=0))), dtype=np.int64)
+    for row, sequence in enumerate(rows):
+        ids[row, : len(sequence)] = sequence
+    return {"ids": ids, "lengths": lengths}
 
 
 def _sampling_warpers(params: TextGenerationParams, config) -> list:
