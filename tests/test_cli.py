@@ -67,6 +67,16 @@ def read_parts(output: Path) -> pa.Table:
     return pa.concat_tables(pq.read_table(p) for p in parts)
 
 
+def read_csv_parts(output: Path) -> list[dict[str, str]]:
+    parts = sorted(output.glob("part-*.csv"))
+    assert parts, "no part files"
+    return [
+        row
+        for part in parts
+        for row in csv.DictReader(io.StringIO(part.read_text(encoding="utf-8"), newline=""))
+    ]
+
+
 def test_parquet_end_to_end(tmp_path, tiny_models):
     spec = write_spec(tmp_path / "job.yaml", tiny_models)
     output = tmp_path / "out"
@@ -120,7 +130,11 @@ def test_parquet_end_to_end(tmp_path, tiny_models):
 
 
 def test_csv_end_to_end_multiprocess_with_bad_rows(tmp_path, tiny_models):
-    """CSV in, CSV out, on two worker processes; blank texts become per-row errors."""
+    """CSV in, CSV out, on two worker processes; blank texts become per-row errors.
+
+    The sentiment model is shared by the machine (`share_model: machine`: one model served
+    to both SDK processes through MultiProcessShared); its column equals an in-process run's.
+    """
     raw = (SAMPLE_DATA / "reviews.csv").read_bytes()
     rows = list(csv.reader(io.StringIO(raw.decode("utf-8"), newline="")))
     header, body = rows[0], rows[1:]
@@ -132,6 +146,10 @@ def test_csv_end_to_end_multiprocess_with_bad_rows(tmp_path, tiny_models):
         csv.writer(handle).writerows([header, *body])
 
     spec = write_spec(tmp_path / "job.yaml", tiny_models)
+    shared = json.loads(spec.read_text())
+    shared["tasks"][0]["share_model"] = "machine"
+    shared_spec = tmp_path / "machine.yaml"
+    shared_spec.write_text(json.dumps(shared))
     output = tmp_path / "out"
     code = main(
         [
@@ -140,19 +158,17 @@ def test_csv_end_to_end_multiprocess_with_bad_rows(tmp_path, tiny_models):
             "--output",
             str(output),
             "--spec",
-            str(spec),
+            str(shared_spec),
             "--direct_running_mode=multi_processing",
             "--direct_num_workers=2",
         ]
     )
     assert code == 0
+    # The reference runs in process, as the fastest run does, each model its own.
+    reference = tmp_path / "in-process"
+    assert main(["--input", str(source), "--output", str(reference), "--spec", str(spec)]) == 0
 
-    parts = sorted(output.glob("part-*.csv"))
-    assert parts
-    out_rows = []
-    for part in parts:
-        reader = csv.DictReader(io.StringIO(part.read_text(encoding="utf-8"), newline=""))
-        out_rows.extend(reader)
+    out_rows = read_csv_parts(output)
     assert list(out_rows[0])[: len(header)] == header
     by_id = {row["id"]: row for row in out_rows}
     assert len(by_id) == len(body) == len(out_rows)
@@ -179,6 +195,15 @@ def test_csv_end_to_end_multiprocess_with_bad_rows(tmp_path, tiny_models):
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["rows"]["failed"] == {"sentiment": 2, "entities": 2, "embedding": 2}
     assert manifest["options"]["direct_num_workers"] == 2
+    # No SDK process loaded the shared model: the machine's model server holds it.
+    assert manifest["tasks"][0]["model_loads"] == 0
+
+    by_id_in_process = {row["id"]: row for row in read_csv_parts(reference)}
+    assert by_id_in_process.keys() == by_id.keys()
+    for row_id, row in by_id.items():
+        expected = by_id_in_process[row_id]
+        for name in ("sentiment_label", "sentiment_score"):
+            assert row[name] == expected[name], (row_id, name)
 
 
 def test_keep_order_across_files(tmp_path, tiny_models):
@@ -372,36 +397,6 @@ def test_failed_run_exits_1_and_leaves_no_manifest_and_no_parts(tmp_path, tiny_m
     assert "safetensors" in err.lower() or "header" in err.lower()
     assert not (output / "manifest.json").exists()
     assert not list(output.glob("part-*"))
-
-
-def test_one_model_per_machine_gives_the_same_output(tmp_path, tiny_models):
-    """share_model: machine serves one model to both SDK processes (MultiProcessShared)."""
-    source = str(SAMPLE_DATA / "reviews.parquet")
-    outputs = {}
-    for share in ("process", "machine"):
-        spec = tmp_path / f"{share}.yaml"
-        spec.write_text(
-            json.dumps(
-                {
-                    "rows_per_chunk": 8,
-                    "tasks": [
-                        {
-                            "name": "s",
-                            "task": "sentiment-analysis",
-                            "share_model": share,
-                            "model": str(tiny_models["text-classification"]),
-                        },
-                    ],
-                }
-            )
-        )
-        output = tmp_path / share
-        argv = ["--input", source, "--output", str(output), "--spec", str(spec)]
-        if share == "machine":  # the reference runs in process, as the fastest run does
-            argv += ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
-        assert main(argv) == 0
-        outputs[share] = read_parts(output).sort_by("id")
-    assert outputs["machine"].equals(outputs["process"])
 
 
 def test_local_workers_get_their_share_of_the_cores():
