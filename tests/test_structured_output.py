@@ -1,35 +1,19 @@
-"""JSON-Schema typed output: schema -> Arrow types, spec checks, SmolLM2 constrained."""
+"""JSON-Schema typed output: schema -> Arrow types, spec checks.
+
+SmolLM2 constrained to a schema: `test_task_chat.py`, which loads the model once for
+every test of it.
+"""
 
 from __future__ import annotations
 
 import json
 
-import jsonschema
 import pyarrow as pa
 import pytest
 
 from pipelines.spec import SpecError, parse_spec
-from tests import smollm2
+from tests.smollm2 import REVIEW_SCHEMA
 from transforms.json_schema import SchemaError, arrow_type, load_schema, to_arrow_value
-from transforms.tasks.text_generation import (
-    InvalidOutput,
-    TextGeneration,
-    TextGenerationParams,
-)
-
-REVIEW_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "sentiment": {"enum": ["positive", "negative", "neutral"]},
-        "product": {"type": "string", "maxLength": 30},
-        "stars": {"type": ["integer", "null"], "minimum": 1, "maximum": 5},
-    },
-    "required": ["sentiment", "product", "stars"],
-}
-SYSTEM = (
-    "You extract facts from customer reviews. Answer in JSON with the review's sentiment, "
-    "the product it is about (a short noun) and its stars from 1 to 5."
-)
 
 
 def test_schema_types_map_to_arrow_types():
@@ -114,47 +98,6 @@ def test_values_are_checked_against_the_column_type():
         to_arrow_value({**value, "stars": "four"}, kind)
     with pytest.raises(ValueError, match="unexpected key"):
         to_arrow_value({**value, "extra": 1}, kind)
-
-
-def _runner(**params):
-    _, tokenizer, model = smollm2.load()
-    adapter = TextGeneration("review", TextGenerationParams(**params))
-    return adapter, adapter.runner(tokenizer, model)
-
-
-def test_smollm2_output_follows_the_schema_batched_as_row_by_row():
-    # Two reviews of different lengths: the batch pads one of them.
-    texts = smollm2.review_texts(2)
-    assert len(set(map(len, texts))) == 2
-    adapter, runner = _runner(
-        system=SYSTEM,
-        prompt="Review: {text}",
-        json_schema=REVIEW_SCHEMA,
-        raw_output=True,
-        max_new_tokens=32,
-    )
-    items = runner.prepare(adapter.row_inputs({"text": texts}))
-    batched = runner.infer(items)
-    one_by_one = [runner.infer([item])[0] for item in items]
-    assert [str(row) for row in batched] == [str(row) for row in one_by_one]
-    assert not [row for row in batched if isinstance(row, InvalidOutput)]
-    column = pa.array([row[0] for row in batched], type=adapter.fields()[0].type)
-    assert column.type == arrow_type(REVIEW_SCHEMA)
-    for value, raw in batched:
-        jsonschema.validate(value, REVIEW_SCHEMA)
-        assert json.loads(raw) == value
-        assert value["sentiment"] in ("positive", "negative", "neutral")
-
-
-def test_output_cut_by_max_new_tokens_fails_its_row_with_the_reason():
-    texts = smollm2.review_texts(2)
-    adapter, runner = _runner(
-        prompt="Review: {text}", chat=True, json_schema=REVIEW_SCHEMA, max_new_tokens=4
-    )
-    outputs = runner.infer(runner.prepare(adapter.row_inputs({"text": texts})))
-    for output in outputs:
-        assert isinstance(output, InvalidOutput)
-        assert "cut by max_new_tokens (4)" in str(output)
 
 
 def test_the_main_job_validates_and_a_prompt_column_the_input_lacks_exits_2(tmp_path, capsys):

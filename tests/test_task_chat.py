@@ -1,19 +1,30 @@
-"""text-generation with chat prompts, on the real SmolLM2-135M-Instruct.
+"""text-generation with chat prompts, and constrained to a JSON Schema, on the real
+SmolLM2-135M-Instruct (every test of it here: one file, one model load per test process).
 
 The oracle is transformers' own text-generation pipeline called with the same messages,
-greedy; a cell's text must stay text inside the user's turn whatever it holds.
+greedy; a cell's text must stay text inside the user's turn whatever it holds. Output
+constrained to a schema validates against it, batched as row by row.
 """
 
 from __future__ import annotations
 
+import json
+
+import jsonschema
+import pyarrow as pa
 import pytest
 
 from pipelines.spec import SpecError, parse_spec
 from tests import smollm2
-from transforms.tasks.text_generation import TextGeneration, TextGenerationParams
+from transforms.json_schema import arrow_type
+from transforms.tasks.text_generation import InvalidOutput, TextGeneration, TextGenerationParams
 
 SYSTEM = "You are a concise assistant."
 PROMPT = "Summarize this review in one sentence: {text}"
+REVIEW_SYSTEM = (
+    "You extract facts from customer reviews. Answer in JSON with the review's sentiment, "
+    "the product it is about (a short noun) and its stars from 1 to 5."
+)
 
 
 def _run(params: TextGenerationParams, columns: dict[str, list]) -> list:
@@ -98,6 +109,47 @@ def test_stop_and_blocklist_apply_to_chat_outputs(tmp_path):
         {"text": texts},
     )
     assert flagged == (plain[0], True)
+
+
+def _schema_runner(**params):
+    _, tokenizer, model = smollm2.load()
+    adapter = TextGeneration("review", TextGenerationParams(**params))
+    return adapter, adapter.runner(tokenizer, model)
+
+
+def test_smollm2_output_follows_the_schema_batched_as_row_by_row():
+    # Two reviews of different lengths: the batch pads one of them.
+    texts = smollm2.review_texts(2)
+    assert len(set(map(len, texts))) == 2
+    adapter, runner = _schema_runner(
+        system=REVIEW_SYSTEM,
+        prompt="Review: {text}",
+        json_schema=smollm2.REVIEW_SCHEMA,
+        raw_output=True,
+        max_new_tokens=32,
+    )
+    items = runner.prepare(adapter.row_inputs({"text": texts}))
+    batched = runner.infer(items)
+    one_by_one = [runner.infer([item])[0] for item in items]
+    assert [str(row) for row in batched] == [str(row) for row in one_by_one]
+    assert not [row for row in batched if isinstance(row, InvalidOutput)]
+    column = pa.array([row[0] for row in batched], type=adapter.fields()[0].type)
+    assert column.type == arrow_type(smollm2.REVIEW_SCHEMA)
+    for value, raw in batched:
+        jsonschema.validate(value, smollm2.REVIEW_SCHEMA)
+        assert json.loads(raw) == value
+        assert value["sentiment"] in ("positive", "negative", "neutral")
+
+
+def test_output_cut_by_max_new_tokens_fails_its_row_with_the_reason():
+    texts = smollm2.review_texts(2)
+    adapter, runner = _schema_runner(
+        prompt="Review: {text}", chat=True, json_schema=smollm2.REVIEW_SCHEMA, max_new_tokens=4
+    )
+    outputs = runner.infer(runner.prepare(adapter.row_inputs({"text": texts})))
+    for output in outputs:
+        assert isinstance(output, InvalidOutput)
+        assert "cut by max_new_tokens (4)" in str(output)
 
 
 def test_a_chat_prompt_on_a_model_without_a_chat_template_is_refused_by_the_spec(tiny_models):
