@@ -1,0 +1,211 @@
+"""The model server's CPU time per row for text-generation: whole chunks against `generate` only.
+
+    python -m benchmarks.shared_model_generation [--rows 1000] [--rounds 1] [--model tiny|gpt2]
+
+With `share_model: machine` one process serves the model to every SDK process through
+Beam's `MultiProcessShared`. This starts such a server for text-generation and sends it
+the same prompts (two sentences of Python's reference prose each, a prompt template
+around them, chunks of 256 rows, greedy) three ways:
+  server runs chunks: the server tokenizes, generates and decodes (before the split);
+  forward only:       this process tokenizes, collates left-padded ids and decodes (the
+                      front); the server gets a chunk's micro-batches in one call and
+                      answers with the generated ids;
+  in process:         no server, the model in this process, for reference.
+For each: rows/s, new tokens/s and CPU seconds per 1,000 rows of the server process and
+of this one (see `benchmarks.shared_model`). Best of `--rounds`. Results, with the
+CPU's flags, to benchmarks/results/shared_model_generation-<model>.json.
+
+`--model tiny` (default): the tiny test model, whose decoding steps cost about what
+tokenizing and decoding do, as a GPU's do; `--model gpt2`: a random-weight gpt2 shape
+(benchmarks/generation.py), where on CPU the forward passes are nearly all of a row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from benchmarks.shared_model import cpu_seconds
+
+RESULTS = Path(__file__).parent / "results"
+TINY = Path(__file__).parent / "models" / "tiny-text-generation"
+CHUNK = 256
+PROMPT = "Passage: {text}\nIn short:"
+
+
+def _model_dir(kind: str) -> Path:
+    if kind == "gpt2":
+        from benchmarks.generation import build_gen_model
+
+        return build_gen_model("text-generation")
+    if not (TINY / "config.json").exists():
+        from pipelines.test_models import BUILDERS
+
+        BUILDERS["text-generation"](TINY, 0)
+    return TINY
+
+
+def _task(model: str, new_tokens: int):
+    from transforms.inference import TaskBinding
+    from transforms.models import resolve_model
+    from transforms.tasks.text_generation import TextGeneration, TextGenerationParams
+
+    params = TextGenerationParams(prompt=PROMPT, max_new_tokens=new_tokens)
+    return TaskBinding(
+        TextGeneration("gen", params), resolve_model(model), device="cpu", dtype="fp32"
+    )
+
+
+class _Server:
+    """The served model, plus its process id for reading its CPU time."""
+
+    def __init__(self, model: str, new_tokens: int):
+        from transforms.inference import load_task
+
+        self.loaded = load_task(_task(model, new_tokens))
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def placement(self):
+        return self.loaded.placement()
+
+    def forward(self, batch):
+        return self.loaded.forward(batch)
+
+    def forward_many(self, batches):
+        return self.loaded.forward_many(batches)
+
+    def run_measured(self, inputs, max_batch_tokens, timeout_s=None, *, dedup=False):
+        return self.loaded.run_measured(inputs, max_batch_tokens, timeout_s, dedup=dedup)
+
+
+def _serve(model: str, new_tokens: int) -> _Server:
+    return _Server(model, new_tokens)
+
+
+def _run(model_like, chunks: list[list], budget: int) -> tuple[float, list]:
+    started = time.perf_counter()
+    results = []
+    for inputs in chunks:
+        results.extend(model_like.run_measured(inputs, budget).results)
+    return time.perf_counter() - started, results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Runs the measurements, prints them and writes the results file."""
+    from apache_beam.utils.multi_process_shared import MultiProcessShared
+
+    from benchmarks.corpus import sentence_pairs
+    from benchmarks.dedup import cpu
+    from benchmarks.report import machine
+    from transforms.batching import max_batch_tokens_for
+    from transforms.inference import load_task
+    from transforms.model_server import with_local_front
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=1000, help="rows per way (default 1000)")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each way (default 1)")
+    parser.add_argument("--model", choices=("tiny", "gpt2"), default="tiny")
+    parser.add_argument(
+        "--new-tokens", type=int, default=None, help="max_new_tokens (tiny 16, gpt2 32)"
+    )
+    parser.add_argument("--output", help="where to write the results")
+    args = parser.parse_args(argv)
+    new_tokens = args.new_tokens or (32 if args.model == "gpt2" else 16)
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    model = str(_model_dir(args.model))
+    task = _task(model, new_tokens)
+    rows = task.adapter.row_inputs({"text": sentence_pairs(args.rows)})
+    chunks = [rows[i : i + CHUNK] for i in range(0, len(rows), CHUNK)]
+    budget = max_batch_tokens_for(None, "cpu", task.adapter.batch_tokens_factor)
+
+    # A server process of its own, so its CPU time is the server's alone.
+    server = MultiProcessShared(
+        functools.partial(_serve, model, new_tokens),
+        tag=f"beam-enrich-bench-generation-{os.getpid()}",
+        always_proxy=True,
+        spawn_process=True,
+    ).acquire()
+    server_pid = server.pid()
+    assert server_pid != os.getpid()
+    front = with_local_front(task, server)
+    assert front is not server, "the text-generation front did not load"
+    local = load_task(task)
+    ways = {"server runs chunks": server, "forward only": front, "in process": local}
+    for way in ways.values():  # warm both sides: first batches allocate
+        _run(way, chunks[:1], budget)
+    measured: dict[str, list[dict]] = {}
+    outputs: dict[str, list] = {}
+    for round_ in range(args.rounds):
+        for way, model_like in ways.items():
+            server_before, own_before = cpu_seconds(server_pid), time.process_time()
+            seconds, outputs[way] = _run(model_like, chunks, budget)
+            server_cpu = cpu_seconds(server_pid) - server_before
+            own_cpu = time.process_time() - own_before
+            entry = {
+                "seconds": round(seconds, 3),
+                "rows_per_s": round(args.rows / seconds, 2),
+                "server_cpu_s_per_1000_rows": round(server_cpu * 1000 / args.rows, 3),
+                "caller_cpu_s_per_1000_rows": round(own_cpu * 1000 / args.rows, 3),
+            }
+            measured.setdefault(way, []).append(entry)
+            print(
+                f"round {round_ + 1} {way:20s} {entry['rows_per_s']:7.1f} rows/s  server CPU "
+                f"{entry['server_cpu_s_per_1000_rows']:6.2f} s/1000 rows  caller CPU "
+                f"{entry['caller_cpu_s_per_1000_rows']:6.2f} s/1000 rows",
+                flush=True,
+            )
+    same = outputs["forward only"] == outputs["server runs chunks"] == outputs["in process"]
+    best = {way: min(runs, key=lambda e: e["seconds"]) for way, runs in measured.items()}
+    before = best["server runs chunks"]["server_cpu_s_per_1000_rows"]
+    after = best["forward only"]["server_cpu_s_per_1000_rows"]
+    results = {
+        "machine": machine(),
+        "cpu": cpu(),
+        "settings": {
+            **vars(args),
+            "new_tokens": new_tokens,
+            "prompt": PROMPT,
+            "chunk_rows": CHUNK,
+            "max_batch_tokens": budget,
+            "torch_threads_caller": __import__("torch").get_num_threads(),
+        },
+        "model": (
+            "random-weight gpt2 shape (benchmarks/generation.py)"
+            if args.model == "gpt2"
+            else "tiny test model (pipelines/test_models.py text-generation)"
+        ),
+        "outputs_equal_across_ways": same,
+        "runs": measured,
+        "best": best,
+        "server_cpu_after_x_before": round(after / before, 3),
+        "forward_only_x_server_runs_chunks": round(
+            best["forward only"]["rows_per_s"] / best["server runs chunks"]["rows_per_s"], 3
+        ),
+    }
+    print(
+        f"\noutputs equal: {same}; server CPU per row: forward only / whole chunks "
+        f"{results['server_cpu_after_x_before']}; rows/s: forward only / whole chunks "
+        f"{results['forward_only_x_server_runs_chunks']}"
+    )
+    path = Path(args.output or RESULTS / f"shared_model_generation-{args.model}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
