@@ -107,25 +107,3 @@ def test_served_generation_gets_token_ids_only_and_gives_the_same_rows(
     assert served.truncated == direct.truncated
     assert served.errors[len(texts)].startswith("InvalidInput")
     assert sum(error is None for error in served.errors) >= len(texts) - 1
-
-
-def test_a_gguf_model_front_reads_the_file_header_and_gives_the_same_rows():
-    """SmolLM2 as a GGUF file: the front's tokenizer and config come from the header."""
-    from tests import smollm2
-    from transforms.inference import LoadedModel
-
-    resolved, tokenizer, model = smollm2.load()
-    adapter = TextGeneration(
-        "gguf", TextGenerationParams(system="Be brief.", prompt="Rate: {text}", max_new_tokens=4)
-    )
-    loaded = LoadedModel(adapter.runner(tokenizer, model), "cpu", "fp32")
-    proxy = FakeProxy(loaded)
-    local = with_local_front(TaskBinding(adapter, resolved, device="cpu", dtype="fp32"), proxy)
-    assert local is not proxy and local.runner.front.model is None
-
-    inputs = adapter.row_inputs({"text": [*smollm2.review_texts(3), "Fine."]})
-    served = local.run_measured(inputs, 200)
-    direct = loaded.run_measured(inputs, 200)
-    assert proxy.calls == [len(served.batches)] and len(served.batches) > 1
-    assert served.errors == direct.errors == [None] * 4
-    assert served.results == direct.results
