@@ -408,14 +408,14 @@ def test_a_worker_pool_without_apache_beam_fails_the_run_in_bounded_time(
     try:
         argv = [*job, f"--output={tmp_path / 'out'}", "--runner=portable"]
         argv += [f"--job_endpoint={job_service}", "--environment_type=EXTERNAL"]
-        argv += [f"--environment_config={address}", "--worker_start_timeout_s=5"]
+        argv += [f"--environment_config={address}", "--worker_start_timeout_s=2"]
         assert main(argv) == 2
     finally:
         pool.stop()
     err = capsys.readouterr().err
-    assert "beam-enrich: waiting for workers to start (up to 5 s)" in err
+    assert "beam-enrich: waiting for workers to start (up to 2 s)" in err
     assert (
-        f"beam-enrich: error: no worker of the job at {job_service} started work within 5 s"
+        f"beam-enrich: error: no worker of the job at {job_service} started work within 2 s"
     ) in err
     assert f"the worker pool at {address}" in err
     assert not (tmp_path / "out").exists()
