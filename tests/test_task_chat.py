@@ -16,7 +16,10 @@ import pytest
 
 from pipelines.spec import SpecError, parse_spec
 from tests import smollm2
+from tests.conftest import FakeProxy
+from transforms.inference import LoadedModel, TaskBinding
 from transforms.json_schema import arrow_type
+from transforms.model_server import with_local_front
 from transforms.tasks.text_generation import InvalidOutput, TextGeneration, TextGenerationParams
 
 SYSTEM = "You are a concise assistant."
@@ -150,6 +153,25 @@ def test_output_cut_by_max_new_tokens_fails_its_row_with_the_reason():
     for output in outputs:
         assert isinstance(output, InvalidOutput)
         assert "cut by max_new_tokens (4)" in str(output)
+
+
+def test_a_gguf_model_front_reads_the_file_header_and_gives_the_same_rows():
+    """SmolLM2 as a GGUF file behind a model server: the caller's front reads tokenizer
+    and config from the file's header, holds no weights, and the rows equal in process."""
+    resolved, tokenizer, model = smollm2.load()
+    adapter = TextGeneration(
+        "gguf", TextGenerationParams(system="Be brief.", prompt="Rate: {text}", max_new_tokens=4)
+    )
+    loaded = LoadedModel(adapter.runner(tokenizer, model), "cpu", "fp32")
+    proxy = FakeProxy(loaded)
+    local = with_local_front(TaskBinding(adapter, resolved, device="cpu", dtype="fp32"), proxy)
+    assert local is not proxy and local.runner.front.model is None
+    inputs = adapter.row_inputs({"text": [*smollm2.review_texts(3), "Fine."]})
+    served = local.run_measured(inputs, 200)
+    direct = loaded.run_measured(inputs, 200)
+    assert proxy.calls == [len(served.batches)] and len(served.batches) > 1
+    assert served.errors == direct.errors == [None] * 4
+    assert served.results == direct.results
 
 
 def test_a_chat_prompt_on_a_model_without_a_chat_template_is_refused_by_the_spec(tiny_models):
