@@ -90,19 +90,73 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _run(model_like, chunks: list[list]) -> float:
-    started = time.perf_counter()
-    for inputs in chunks:
-        model_like.run_measured(inputs, BUDGET)
-    return time.perf_counter() - started
-
-
-def main(argv: list[str] | None = None) -> dict:
-    """Runs the measurements, prints them and writes the results file."""
+def start_server(task, tag: str):
+    """A proxy to `task`'s model served by a process of its own, so that process's CPU
+    time is the server's alone (in a job, the first SDK process to ask hosts the server
+    beside its own work)."""
     import functools
 
     from apache_beam.utils.multi_process_shared import MultiProcessShared
 
+    server = MultiProcessShared(
+        functools.partial(ModelServer, task),
+        tag=f"{tag}-{os.getpid()}",
+        always_proxy=True,
+        spawn_process=True,
+    ).acquire()
+    assert server.pid() != os.getpid()
+    return server
+
+
+def run_chunks(model_like, chunks: list[list], budget: int) -> tuple[float, list]:
+    """Seconds to run every chunk through `model_like`, and the rows' results."""
+    started = time.perf_counter()
+    results = []
+    for inputs in chunks:
+        results.extend(model_like.run_measured(inputs, budget).results)
+    return time.perf_counter() - started, results
+
+
+def measure_ways(
+    ways: dict, chunks: list[list], budget: int, server_pid: int, rounds: int
+) -> tuple[dict[str, list[dict]], dict[str, list]]:
+    """Runs every chunk through each way, `rounds` times, after one warm-up chunk each.
+
+    `ways` maps a name to a call that gives the model-like to run. Returns per way its
+    runs (seconds, rows/s, CPU seconds per 1,000 rows of the server and of this
+    process) and its last run's results.
+    """
+    rows = sum(len(chunk) for chunk in chunks)
+    for pick in ways.values():  # warm both sides: first batches allocate
+        run_chunks(pick(), chunks[:1], budget)
+    width = max(len(way) for way in ways)
+    measured: dict[str, list[dict]] = {}
+    outputs: dict[str, list] = {}
+    for round_ in range(rounds):
+        for way, pick in ways.items():
+            model_like = pick()
+            server_before, own_before = cpu_seconds(server_pid), time.process_time()
+            seconds, outputs[way] = run_chunks(model_like, chunks, budget)
+            server_cpu = cpu_seconds(server_pid) - server_before
+            own_cpu = time.process_time() - own_before
+            entry = {
+                "seconds": round(seconds, 3),
+                "rows_per_s": round(rows / seconds, 2),
+                "server_cpu_s_per_1000_rows": round(server_cpu * 1000 / rows, 3),
+                "caller_cpu_s_per_1000_rows": round(own_cpu * 1000 / rows, 3),
+            }
+            measured.setdefault(way, []).append(entry)
+            print(
+                f"round {round_ + 1} {way:{width}s} {entry['rows_per_s']:7.1f} rows/s  "
+                f"server CPU {entry['server_cpu_s_per_1000_rows']:6.2f} s/1000 rows  "
+                f"caller CPU {entry['caller_cpu_s_per_1000_rows']:6.2f} s/1000 rows",
+                flush=True,
+            )
+    return measured, outputs
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Runs the measurements, prints them and writes the results file."""
     from benchmarks.corpus import sentence_pairs
     from benchmarks.dedup import cpu
     from benchmarks.report import machine
@@ -138,16 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = task.adapter.row_inputs({"text": texts})
     chunks = [rows[i : i + CHUNK] for i in range(0, len(rows), CHUNK)]
 
-    # A server process of its own, so its CPU time is the server's alone (in a job, the
-    # first SDK process to ask hosts the server beside its own work).
-    server = MultiProcessShared(
-        functools.partial(ModelServer, task),
-        tag=f"beam-enrich-bench-{os.getpid()}",
-        always_proxy=True,
-        spawn_process=True,
-    ).acquire()
+    server = start_server(task, "beam-enrich-bench")
     server_pid = server.pid()
-    assert server_pid != os.getpid()
     front = with_local_front(task, server)
     assert front is not server, f"the {args.model} front did not load"
     local = load_task(task)
@@ -164,29 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.model == "embeddings":
         encoding = LoadedModel(_EncodeRunner(local.runner), device, dtype)
         ways["in process, encode"] = lambda: encoding
-    for way in ways.values():  # warm both sides: first batches allocate
-        _run(way(), chunks[:1])
-    measured: dict[str, list[dict]] = {}
-    for round_ in range(args.rounds):
-        for way, pick in ways.items():
-            model_like = pick()
-            server_before, own_before = cpu_seconds(server_pid), time.process_time()
-            seconds = _run(model_like, chunks)
-            server_cpu = cpu_seconds(server_pid) - server_before
-            own_cpu = time.process_time() - own_before
-            entry = {
-                "seconds": round(seconds, 3),
-                "rows_per_s": round(args.rows / seconds, 2),
-                "server_cpu_s_per_1000_rows": round(server_cpu * 1000 / args.rows, 3),
-                "caller_cpu_s_per_1000_rows": round(own_cpu * 1000 / args.rows, 3),
-            }
-            measured.setdefault(way, []).append(entry)
-            print(
-                f"round {round_ + 1} {way:36s} {entry['rows_per_s']:7.1f} rows/s  server CPU "
-                f"{entry['server_cpu_s_per_1000_rows']:6.2f} s/1000 rows  caller CPU "
-                f"{entry['caller_cpu_s_per_1000_rows']:6.2f} s/1000 rows",
-                flush=True,
-            )
+    measured, _ = measure_ways(ways, chunks, BUDGET, server_pid, args.rounds)
     best = {way: min(runs, key=lambda e: e["seconds"]) for way, runs in measured.items()}
     before = best["server runs chunks"]["server_cpu_s_per_1000_rows"]
     after = best["forward only"]["server_cpu_s_per_1000_rows"]

@@ -23,16 +23,14 @@ tokenizing and decoding do, as a GPU's do; `--model gpt2`: a random-weight gpt2 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from benchmarks.shared_model import ModelServer, cpu_seconds
+from benchmarks.shared_model import measure_ways, start_server
 
 RESULTS = Path(__file__).parent / "results"
 TINY = Path(__file__).parent / "models" / "tiny-text-generation"
@@ -63,18 +61,8 @@ def _task(model: str, new_tokens: int):
     )
 
 
-def _run(model_like, chunks: list[list], budget: int) -> tuple[float, list]:
-    started = time.perf_counter()
-    results = []
-    for inputs in chunks:
-        results.extend(model_like.run_measured(inputs, budget).results)
-    return time.perf_counter() - started, results
-
-
 def main(argv: list[str] | None = None) -> dict:
     """Runs the measurements, prints them and writes the results file."""
-    from apache_beam.utils.multi_process_shared import MultiProcessShared
-
     from benchmarks.corpus import sentence_pairs
     from benchmarks.dedup import cpu
     from benchmarks.report import machine
@@ -103,42 +91,17 @@ def main(argv: list[str] | None = None) -> dict:
     chunks = [rows[i : i + CHUNK] for i in range(0, len(rows), CHUNK)]
     budget = max_batch_tokens_for(None, "cpu", task.adapter.batch_tokens_factor)
 
-    # A server process of its own, so its CPU time is the server's alone.
-    server = MultiProcessShared(
-        functools.partial(ModelServer, task),
-        tag=f"beam-enrich-bench-generation-{os.getpid()}",
-        always_proxy=True,
-        spawn_process=True,
-    ).acquire()
+    server = start_server(task, "beam-enrich-bench-generation")
     server_pid = server.pid()
-    assert server_pid != os.getpid()
     front = with_local_front(task, server)
     assert front is not server, "the text-generation front did not load"
     local = load_task(task)
-    ways = {"server runs chunks": server, "forward only": front, "in process": local}
-    for way in ways.values():  # warm both sides: first batches allocate
-        _run(way, chunks[:1], budget)
-    measured: dict[str, list[dict]] = {}
-    outputs: dict[str, list] = {}
-    for round_ in range(args.rounds):
-        for way, model_like in ways.items():
-            server_before, own_before = cpu_seconds(server_pid), time.process_time()
-            seconds, outputs[way] = _run(model_like, chunks, budget)
-            server_cpu = cpu_seconds(server_pid) - server_before
-            own_cpu = time.process_time() - own_before
-            entry = {
-                "seconds": round(seconds, 3),
-                "rows_per_s": round(args.rows / seconds, 2),
-                "server_cpu_s_per_1000_rows": round(server_cpu * 1000 / args.rows, 3),
-                "caller_cpu_s_per_1000_rows": round(own_cpu * 1000 / args.rows, 3),
-            }
-            measured.setdefault(way, []).append(entry)
-            print(
-                f"round {round_ + 1} {way:20s} {entry['rows_per_s']:7.1f} rows/s  server CPU "
-                f"{entry['server_cpu_s_per_1000_rows']:6.2f} s/1000 rows  caller CPU "
-                f"{entry['caller_cpu_s_per_1000_rows']:6.2f} s/1000 rows",
-                flush=True,
-            )
+    ways = {
+        "server runs chunks": lambda: server,
+        "forward only": lambda: front,
+        "in process": lambda: local,
+    }
+    measured, outputs = measure_ways(ways, chunks, budget, server_pid, args.rounds)
     same = outputs["forward only"] == outputs["server runs chunks"] == outputs["in process"]
     best = {way: min(runs, key=lambda e: e["seconds"]) for way, runs in measured.items()}
     before = best["server runs chunks"]["server_cpu_s_per_1000_rows"]
