@@ -93,7 +93,7 @@ def _set_dedup(on: bool) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     """Runs the measurements, prints them and writes benchmarks/results/dedup.json."""
-    from benchmarks.report import machine
+    from benchmarks.report import machine, save_results
     from benchmarks.throughput import build_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -163,10 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"duplicated outputs, on vs off: labels equal {same_labels}/{args.rows}, "
         f"largest score difference {score_gap:.2e}"
     )
-    path = Path(args.output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {path}")
+    save_results(Path(args.output), results)
     return results
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from importlib import metadata
@@ -16,6 +17,7 @@ __all__ = [
     "machine",
     "markdown",
     "plot",
+    "save_results",
 ]
 
 _PACKAGES = ("torch", "transformers", "apache-beam", "pyarrow", "tokenizers")
@@ -84,6 +86,13 @@ def chosen_parts(parser, args, parts: tuple[str, ...]) -> set[str]:
     if not chosen <= set(parts):
         parser.error(f"--only: unknown part(s) {sorted(chosen - set(parts))}; use {parts}")
     return chosen
+
+
+def save_results(path: Path, results: dict) -> None:
+    """Writes a benchmark's results as indented JSON, making its folder, and says where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 def cpu_label(machine: dict) -> str:

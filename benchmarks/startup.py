@@ -168,9 +168,7 @@ def main() -> None:
 
             pstats.Stats(str(prof)).sort_stats("cumulative").print_stats(25)
     if not args.no_save:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "startup.json").write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {RESULTS / 'startup.json'}")
+        report.save_results(RESULTS / "startup.json", results)
 
 
 if __name__ == "__main__":
